@@ -1,0 +1,265 @@
+"""etc/kimi.toml: the cluster's one configuration file.
+
+Every daemon and the `kimi` client read the same file. Relative paths resolve
+against the file's own folder and `~` expands, so one file can be copied to
+every Mac unchanged.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    name: str
+    host: str
+    memory_gb: float
+    ports: dict[str, int]
+    max_memory_gb: float | None = None
+    layers: tuple[int, int] | None = None
+    bandwidth_gbs: float | None = None
+
+    @property
+    def control_port(self) -> int:
+        return self.ports["control_port"]
+
+    @property
+    def data_port(self) -> int:
+        return self.ports["data_port"]
+
+    @property
+    def control_address(self) -> str:
+        return f"tcp://{self.host}:{self.control_port}"
+
+    @property
+    def data_address(self) -> str:
+        return f"tcp://{self.host}:{self.data_port}"
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    host: str
+    ports: dict[str, int]
+    # Address workers bind/connect for the coordinator's inbound token stream.
+    @property
+    def api_port(self) -> int:
+        return self.ports["api_port"]
+
+    @property
+    def result_port(self) -> int:
+        return self.ports["result_port"]
+
+    @property
+    def result_address(self) -> str:
+        return f"tcp://{self.host}:{self.result_port}"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype on GPU
+    prefill_chunk: int = 256
+    max_context: int = 8192
+    max_concurrent: int = 16
+    load_timeout_s: float = 1800.0
+    heartbeat_interval_s: float = 1.0
+    liveness_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    balance: str = "memory"  # or "bandwidth"
+    memory_fraction: float = 0.75
+    runtime_margin_gb: float = 2.0
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    curve_dir: Path | None = None
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    model_path: Path
+    model_name: str
+    coordinator: CoordinatorConfig
+    workers: tuple[WorkerConfig, ...]
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    log_dir: Path = Path("var/log")
+
+    def worker(self, name: str) -> WorkerConfig:
+        for w in self.workers:
+            if w.name == name:
+                return w
+        known = ", ".join(w.name for w in self.workers)
+        raise ConfigError(f"{self.path}: no worker named {name!r} (known: {known})")
+
+
+COORDINATOR_DEFAULT_PORTS = {"api_port": 52415, "result_port": 52400}
+WORKER_REQUIRED_PORTS = ("control_port", "data_port")
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _ports(section: dict[str, Any], where: str) -> dict[str, int]:
+    ports = {}
+    for key, value in section.items():
+        if not key.endswith("_port"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+            raise ConfigError(f"{where}: {key} must be an integer port in 1..65535, got {value!r}")
+        ports[key] = value
+    return ports
+
+
+def _typed(section: dict, key: str, kind: type | tuple, where: str, default: Any = None) -> Any:
+    if key not in section:
+        return default
+    value = section[key]
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{where}: {key} must be {kind}, got {value!r}")
+    if kind is float and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}: {key} has the wrong type: {value!r}")
+    return value
+
+
+def _dataclass_section(cls, section: dict, where: str):
+    kwargs = {}
+    for name, f in cls.__dataclass_fields__.items():
+        if name not in section:
+            continue
+        default = f.default
+        kind = type(default) if default is not None else str
+        kwargs[name] = _typed(section, name, kind, where)
+    unknown = set(section) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    return cls(**kwargs)
+
+
+def parse_config(data: dict[str, Any], path: Path) -> Config:
+    base = path.parent
+    src = str(path)
+    model = data.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("path"), str):
+        raise ConfigError(f"{src}: [model] needs a path = \"...\" to the model directory")
+    model_path = _resolve(base, model["path"])
+    model_name = model.get("name") or model_path.name
+    if not isinstance(model_name, str):
+        raise ConfigError(f"{src}: [model] name must be a string")
+
+    coord = data.get("coordinator", {})
+    if not isinstance(coord, dict):
+        raise ConfigError(f"{src}: [coordinator] must be a table")
+    host = _typed(coord, "host", str, f"{src} [coordinator]", "127.0.0.1")
+    ports = dict(COORDINATOR_DEFAULT_PORTS)
+    ports.update(_ports(coord, f"{src} [coordinator]"))
+    coordinator = CoordinatorConfig(host=host, ports=ports)
+
+    raw_workers = data.get("workers")
+    if not isinstance(raw_workers, list) or not raw_workers:
+        raise ConfigError(f"{src}: needs at least one [[workers]] entry")
+    workers = []
+    seen_names: set[str] = set()
+    for i, w in enumerate(raw_workers):
+        where = f"{src} [[workers]] #{i + 1}"
+        if not isinstance(w, dict):
+            raise ConfigError(f"{where}: must be a table")
+        name = _typed(w, "name", str, where)
+        if not name:
+            raise ConfigError(f"{where}: needs a name")
+        where = f"{src} worker {name!r}"
+        if name in seen_names:
+            raise ConfigError(f"{where}: the name is used twice")
+        seen_names.add(name)
+        whost = _typed(w, "host", str, where)
+        if not whost:
+            raise ConfigError(f"{where}: needs a host")
+        memory_gb = _typed(w, "memory_gb", float, where)
+        if memory_gb is None or memory_gb <= 0:
+            raise ConfigError(f"{where}: needs memory_gb > 0 (the Mac's unified memory in GB)")
+        wports = _ports(w, where)
+        for req in WORKER_REQUIRED_PORTS:
+            if req not in wports:
+                raise ConfigError(f"{where}: needs {req}")
+        layers = w.get("layers")
+        if layers is not None:
+            if (
+                not isinstance(layers, list)
+                or len(layers) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+            ):
+                raise ConfigError(f"{where}: layers must be [start, end] (end exclusive)")
+            layers = (layers[0], layers[1])
+        max_mem = _typed(w, "max_memory_gb", float, where)
+        bw = _typed(w, "bandwidth_gbs", float, where)
+        known = {"name", "host", "memory_gb", "layers", "max_memory_gb", "bandwidth_gbs"}
+        unknown = {k for k in w if k not in known and not k.endswith("_port")}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        workers.append(
+            WorkerConfig(name, whost, memory_gb, wports, max_mem, layers, bw)
+        )
+
+    # Two sockets bound on one host and port would fail at start: say so now.
+    bound: dict[tuple[str, int], str] = {}
+    for owner, h, p in [("coordinator", host, v) for v in ports.values()] + [
+        (f"worker {w.name!r}", w.host, v) for w in workers for v in w.ports.values()
+    ]:
+        if (h, p) in bound:
+            raise ConfigError(f"{src}: port {p} on {h} is used by both {bound[(h, p)]} and {owner}")
+        bound[(h, p)] = owner
+
+    runtime = _dataclass_section(RuntimeConfig, data.get("runtime", {}), f"{src} [runtime]")
+    plan = _dataclass_section(PlanConfig, data.get("plan", {}), f"{src} [plan]")
+    if plan.balance not in ("memory", "bandwidth"):
+        raise ConfigError(f"{src} [plan]: balance must be \"memory\" or \"bandwidth\"")
+    if not 0 < plan.memory_fraction <= 1:
+        raise ConfigError(f"{src} [plan]: memory_fraction must be in (0, 1]")
+
+    sec = data.get("security", {})
+    curve_dir = sec.get("curve_dir")
+    security = SecurityConfig(
+        curve_dir=_resolve(base, curve_dir) if curve_dir else None,
+        api_key=_typed(sec, "api_key", str, f"{src} [security]"),
+    )
+    log_dir = _resolve(base, data.get("logging", {}).get("dir", "../var/log"))
+    return Config(
+        path=path,
+        model_path=model_path,
+        model_name=model_name,
+        coordinator=coordinator,
+        workers=tuple(workers),
+        runtime=runtime,
+        plan=plan,
+        security=security,
+        log_dir=log_dir,
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path).expanduser().resolve()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse_config(data, path)
