@@ -48,6 +48,7 @@ class WorkerConfig:
 class CoordinatorConfig:
     host: str
     ports: dict[str, int]
+
     # Address workers bind/connect for the coordinator's inbound token stream.
     @property
     def api_port(self) -> int:
@@ -158,7 +159,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     src = str(path)
     model = data.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("path"), str):
-        raise ConfigError(f"{src}: [model] needs a path = \"...\" to the model directory")
+        raise ConfigError(f'{src}: [model] needs a path = "..." to the model directory')
     model_path = _resolve(base, model["path"])
     model_name = model.get("name") or model_path.name
     if not isinstance(model_name, str):
@@ -213,9 +214,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         unknown = {k for k in w if k not in known and not k.endswith("_port")}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
-        workers.append(
-            WorkerConfig(name, whost, memory_gb, wports, max_mem, layers, bw)
-        )
+        workers.append(WorkerConfig(name, whost, memory_gb, wports, max_mem, layers, bw))
 
     # Two sockets bound on one host and port would fail at start: say so now.
     bound: dict[tuple[str, int], str] = {}
@@ -229,7 +228,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     runtime = _dataclass_section(RuntimeConfig, data.get("runtime", {}), f"{src} [runtime]")
     plan = _dataclass_section(PlanConfig, data.get("plan", {}), f"{src} [plan]")
     if plan.balance not in ("memory", "bandwidth"):
-        raise ConfigError(f"{src} [plan]: balance must be \"memory\" or \"bandwidth\"")
+        raise ConfigError(f'{src} [plan]: balance must be "memory" or "bandwidth"')
     if not 0 < plan.memory_fraction <= 1:
         raise ConfigError(f"{src} [plan]: memory_fraction must be in (0, 1]")
 

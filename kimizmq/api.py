@@ -1,0 +1,432 @@
+"""The coordinator's OpenAI-compatible HTTP API (aiohttp).
+
+POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+GET /metrics. Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from . import log
+from .coordinator import Engine, Event, Request, RequestError
+
+MAX_BODY_BYTES = 4 << 20
+MAX_STOP_STRINGS = 4
+DEFAULT_MAX_TOKENS = 256
+
+logger = log.get_logger()
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def response(self) -> web.Response:
+        kind = {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            404: "invalid_request_error",
+            413: "invalid_request_error",
+            429: "rate_limit_error",
+        }.get(self.status, "server_error")
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return web.json_response(body, status=self.status)
+
+
+# -- parameter validation -----------------------------------------------------------
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise ApiError(400, f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}", name)
+    return float(v)
+
+
+def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ApiError(400, f"{name} must be an integer in [{lo}, {hi}], got {v!r}", name)
+    return v
+
+
+def _stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"stop must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them", "stop")
+    return stop
+
+
+def _common(engine: Engine, body: dict) -> dict[str, Any]:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "model must be a string", "model")
+    if model is not None and model != engine.cfg.model_name:
+        raise ApiError(
+            404,
+            f"The model '{model}' does not exist; this server serves '{engine.cfg.model_name}'",
+            "model",
+            "model_not_found",
+        )
+    n = _integer(body, "n", 1, 1, 1)
+    del n
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be a boolean", "stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+        raise ApiError(400, 'stream_options must be {"include_usage": bool}', "stream_options")
+    ctx = engine.cfg.runtime.max_context
+    max_tokens = _integer(body, "max_completion_tokens", None, 1, ctx)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", None, 1, ctx)
+    params = {
+        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
+        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
+    }
+    if (top_k := _integer(body, "top_k", None, 0, 1 << 20)) is not None:
+        params["top_k"] = top_k
+    if (seed := _integer(body, "seed", None, -(1 << 63), (1 << 64) - 1)) is not None:
+        params["seed"] = seed & ((1 << 64) - 1)
+    return {
+        "stream": stream,
+        "include_usage": bool(opts.get("include_usage", False)),
+        "max_tokens": max_tokens,
+        "stop": _stops(body),
+        "params": params,
+    }
+
+
+def _chat_prompt(engine: Engine, body: dict) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", "messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"messages[{i}] must be an object with a role", f"messages[{i}]")
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
+        clean.append({"role": m["role"], "content": content})
+    return engine.tokenizer.apply_chat_template(clean, add_generation_prompt=True)
+
+
+def _completion_prompt(engine: Engine, body: dict) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = engine.tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        vocab = engine.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ApiError(400, f"prompt token ids must be in 0..{vocab - 1}", "prompt")
+        ids = list(prompt)
+    else:
+        raise ApiError(400, "prompt must be a string or a list of token ids", "prompt")
+    if not ids:
+        raise ApiError(400, "prompt is empty", "prompt")
+    return ids
+
+
+def _build_request(engine: Engine, prompt: list[int], opts: dict) -> Request:
+    ctx = engine.cfg.runtime.max_context
+    if len(prompt) >= ctx:
+        raise ApiError(
+            400,
+            f"the prompt has {len(prompt)} tokens; this model's context length is {ctx}",
+            "messages",
+            "context_length_exceeded",
+        )
+    max_tokens = opts["max_tokens"] or min(DEFAULT_MAX_TOKENS, ctx - len(prompt))
+    if len(prompt) + max_tokens > ctx:
+        raise ApiError(
+            400,
+            f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context length {ctx}",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    return Request(engine.new_request_id(), prompt, max_tokens, dict(opts["params"]), stop=opts["stop"])
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        body = await request.json(loads=json.loads)
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"malformed JSON body: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the JSON body must be an object")
+    return body
+
+
+# -- generation ---------------------------------------------------------------------
+
+
+def _usage(req: Request) -> dict:
+    return {
+        "prompt_tokens": len(req.prompt),
+        "completion_tokens": len(req.tokens),
+        "total_tokens": len(req.prompt) + len(req.tokens),
+    }
+
+
+async def _events(engine: Engine, req: Request) -> AsyncIterator[Event]:
+    try:
+        async for ev in engine.generate(req):
+            if ev.kind == "error":
+                raise RequestError(ev.message or "request failed")
+            yield ev
+    except RequestError as e:
+        raise ApiError(503 if engine.state != "ready" else 500, str(e)) from None
+
+
+class Sse:
+    def __init__(self, request: web.Request):
+        self.request = request
+        self.resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+
+    async def start(self) -> None:
+        await self.resp.prepare(self.request)
+
+    async def send(self, obj: dict | str) -> None:
+        data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+        await self.resp.write(f"data: {data}\n\n".encode())
+
+
+async def _stream(request: web.Request, engine: Engine, req: Request, opts: dict, chunk) -> web.StreamResponse:
+    sse = Sse(request)
+    gen = _events(engine, req)
+    try:
+        first = await gen.__anext__()  # errors before the first token still get a proper status
+    except StopAsyncIteration:
+        first = None
+    await sse.start()
+    try:
+        await sse.send(chunk(req, None, role=True))
+        ev = first
+        while ev is not None:
+            await sse.send(chunk(req, ev))
+            try:
+                ev = await gen.__anext__()
+            except StopAsyncIteration:
+                ev = None
+        if opts["include_usage"]:
+            await sse.send(chunk(req, None, usage=True))
+        await sse.send("[DONE]")
+    except ApiError as e:
+        await sse.send({"error": {"message": e.message, "type": "server_error", "param": None, "code": None}})
+    except (ConnectionResetError, ConnectionError):
+        logger.info("client_gone", request_id=req.id)
+    finally:
+        await gen.aclose()
+    return sse.resp
+
+
+def _base(req: Request, obj: str, model: str, created: int) -> dict:
+    return {"id": req.id, "object": obj, "created": created, "model": model}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    engine: Engine = request.app["engine"]
+    body = await _json_body(request)
+    opts = _common(engine, body)
+    req = _build_request(engine, _chat_prompt(engine, body), opts)
+    created, model = int(time.time()), engine.cfg.model_name
+
+    if opts["stream"]:
+
+        def chunk(r: Request, ev: Event | None, role: bool = False, usage: bool = False) -> dict:
+            out = _base(r, "chat.completion.chunk", model, created)
+            if usage:
+                out["choices"] = []
+                out["usage"] = _usage(r)
+            elif role:
+                out["choices"] = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            elif ev.kind == "done":
+                out["choices"] = [{"index": 0, "delta": {}, "finish_reason": ev.finish_reason}]
+            else:
+                out["choices"] = [{"index": 0, "delta": {"content": ev.text}, "finish_reason": None}]
+            return out
+
+        return await _stream(request, engine, req, opts, chunk)
+
+    text, finish = [], None
+    async for ev in _events(engine, req):
+        text.append(ev.text)
+        finish = ev.finish_reason or finish
+    out = _base(req, "chat.completion", model, created)
+    out["choices"] = [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "".join(text)},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+    ]
+    out["usage"] = _usage(req)
+    return web.json_response(out)
+
+
+def _logprobs_block(engine: Engine, events: list[Event], offset: int) -> dict:
+    tokens, lps, tops, offsets = [], [], [], []
+    for ev in events:
+        piece = engine.tokenizer.decode([ev.token])
+        tokens.append(piece)
+        lps.append(ev.logprob)
+        tops.append({engine.tokenizer.decode([i]): v for i, v in (ev.top_logprobs or [])})
+        offsets.append(offset)
+        offset += len(piece)
+    return {
+        "tokens": tokens,
+        "token_logprobs": lps,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+        "token_ids": [e.token for e in events],
+    }
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    engine: Engine = request.app["engine"]
+    body = await _json_body(request)
+    opts = _common(engine, body)
+    logprobs = _integer(body, "logprobs", None, 0, 20)
+    if logprobs:
+        opts["params"]["logprobs"] = logprobs
+    req = _build_request(engine, _completion_prompt(engine, body), opts)
+    req.stop_on_eos = not body.get("ignore_eos", False)
+    created, model = int(time.time()), engine.cfg.model_name
+
+    if opts["stream"]:
+        offset = [0]
+
+        def chunk(r: Request, ev: Event | None, role: bool = False, usage: bool = False) -> dict:
+            out = _base(r, "text_completion", model, created)
+            if usage:
+                out["choices"] = []
+                out["usage"] = _usage(r)
+                return out
+            if role:
+                out["choices"] = [{"index": 0, "text": "", "logprobs": None, "finish_reason": None}]
+                return out
+            choice = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
+            if logprobs is not None and ev.kind == "token":
+                choice["logprobs"] = _logprobs_block(engine, [ev], offset[0])
+            offset[0] += len(ev.text)
+            out["choices"] = [choice]
+            return out
+
+        return await _stream(request, engine, req, opts, chunk)
+
+    events: list[Event] = []
+    finish = None
+    async for ev in _events(engine, req):
+        if ev.kind == "token":
+            events.append(ev)
+        finish = ev.finish_reason or finish
+    out = _base(req, "text_completion", model, created)
+    choice = {"index": 0, "text": "".join(e.text for e in events), "logprobs": None, "finish_reason": finish}
+    if logprobs is not None:
+        choice["logprobs"] = _logprobs_block(engine, events, 0)
+    out["choices"] = [choice]
+    out["usage"] = _usage(req)
+    return web.json_response(out)
+
+
+async def models(request: web.Request) -> web.Response:
+    engine: Engine = request.app["engine"]
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [{"id": engine.cfg.model_name, "object": "model", "created": 0, "owned_by": "kimizmq"}],
+        }
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    engine: Engine = request.app["engine"]
+    workers = await engine.refresh_workers() if engine.state != "starting" else engine.worker_state
+    state = engine.state
+    if state == "ready" and not all(w.get("up") and w.get("state") == "ready" for w in workers.values()):
+        state = "degraded"
+    body = {
+        "status": state,
+        "model": engine.cfg.model_name,
+        "requests_in_flight": len(engine.requests),
+        "queue_depth": engine.waiting,
+        "stages": [{"worker": s.worker, "start": s.start, "end": s.end} for s in engine.plan.stages],
+        "workers": {
+            n: {
+                k: w.get(k)
+                for k in ("state", "up", "layers", "progress", "error", "requests", "memory_bytes", "last_seen")
+            }
+            for n, w in workers.items()
+        },
+    }
+    return web.json_response(body, status=200 if state == "ready" else 503)
+
+
+@web.middleware
+async def errors(request: web.Request, handler):
+    engine: Engine = request.app["engine"]
+    try:
+        key = engine.cfg.security.api_key
+        if key and request.path.startswith("/v1/") and request.headers.get("Authorization") != f"Bearer {key}":
+            raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
+        if request.path.startswith("/v1/") and request.method == "POST" and engine.state != "ready":
+            raise ApiError(503, f"the cluster is {engine.state}; try again when /health says ready")
+        return await handler(request)
+    except ApiError as e:
+        return e.response()
+    except web.HTTPRequestEntityTooLarge:
+        return ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes").response()
+    except web.HTTPNotFound:
+        return ApiError(404, f"no route {request.method} {request.path}", code="not_found").response()
+    except web.HTTPMethodNotAllowed:
+        return ApiError(405, f"{request.method} not allowed on {request.path}").response()
+
+
+def make_app(engine: Engine) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors])
+    app["engine"] = engine
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    return app
+
+
+async def run_api(engine: Engine) -> web.AppRunner:
+    runner = web.AppRunner(make_app(engine), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, engine.cfg.coordinator.host, engine.cfg.coordinator.api_port)
+    await site.start()
+    logger.info("api_listening", host=engine.cfg.coordinator.host, port=engine.cfg.coordinator.api_port)
+    return runner

@@ -1,0 +1,471 @@
+"""What a model directory holds, read without loading a single weight.
+
+Byte sizes come from the safetensors headers: an 8-byte little-endian length,
+then a JSON header naming every tensor's dtype, shape and data offsets. Only
+those bytes are read. A directory with only `config.json` gets sizes estimated
+from the architecture and its `quantization` block, laid out the way mlx-lm
+stores a converted `deepseek_v3`/`kimi_k2` (or a plain dense) model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+INDEX_FILE = "model.safetensors.index.json"
+WEIGHT_GLOB = "model*.safetensors"  # what mlx-lm's loader reads
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+
+EMBED_PREFIX = "model.embed_tokens."
+HEAD_PREFIXES = ("model.norm.", "lm_head.")
+LM_HEAD_PREFIX = "lm_head."
+
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+}
+TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+# Storage of a quantized weight's per-group scales (and biases) by mode; the
+# affine mode stores both in the model's dtype.
+QUANT_SCALE_BYTES = {"mxfp4": 1, "mxfp8": 1, "nvfp4": 1}
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be used; the message names the file and the fault."""
+
+
+class TensorInfo(NamedTuple):
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class LayerSizes:
+    """Bytes each part of the model occupies once loaded."""
+
+    layers: tuple[int, ...]  # decoder layer i -> bytes
+    embed_bytes: int  # model.embed_tokens.*: first stage
+    head_bytes: int  # model.norm.* + lm_head.*: last stage
+    estimated: bool  # True: from config.json only, no safetensors read
+    tied_embeddings: bool = False  # no lm_head: the last stage also holds embed_tokens
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def total_bytes(self) -> int:
+        """The checkpoint's size: every tensor once."""
+        return sum(self.layers) + self.embed_bytes + self.head_bytes
+
+    def stage_bytes(self, start: int, end: int, *, first: bool, last: bool) -> int:
+        """Weights a stage holding layers [start, end) loads."""
+        total = sum(self.layers[start:end])
+        if first or (last and self.tied_embeddings):
+            total += self.embed_bytes
+        if last:
+            total += self.head_bytes
+        return total
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise CheckpointError(f"model directory {model_dir} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: a model directory needs its config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _read_exactly(f, n: int) -> bytes:
+    chunks = []
+    while n > 0:
+        chunk = f.read(n)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Tensor name -> info from one file's header; no tensor data is read."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        # Unbuffered: a buffered reader would read ahead into the tensor data.
+        with open(path, "rb", buffering=0) as f:
+            raw = _read_exactly(f, 8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors file")
+            header_len = int.from_bytes(raw, "little")
+            if header_len > MAX_HEADER_BYTES or header_len > size - 8:
+                raise CheckpointError(
+                    f"{path}: corrupt header: it claims {header_len} header bytes in a {size}-byte file"
+                )
+            header_raw = _read_exactly(f, header_len)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a directory, not a safetensors file") from None
+    try:
+        header = json.loads(header_raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt header: not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt header: not a JSON object")
+
+    data_size = size - 8 - header_len
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(x) for x in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{path}: corrupt header: entry {name!r} needs dtype, shape and data_offsets"
+            ) from None
+        if not 0 <= begin <= end or any(d < 0 for d in shape):
+            raise CheckpointError(f"{path}: corrupt header: bad offsets or shape for {name!r}")
+        nbytes = end - begin
+        if dtype in DTYPE_BYTES and nbytes != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise CheckpointError(f"{path}: corrupt header: {name!r} is {dtype}{list(shape)} but spans {nbytes} bytes")
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: truncated: {name!r} ends at byte {end} of the data section, "
+                f"which holds only {data_size} bytes (an incomplete download? fetch it again)"
+            )
+        tensors[name] = TensorInfo(path, dtype, shape, nbytes)
+    return tensors
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files a checkpoint consists of (empty: config only)."""
+    model_dir = Path(model_dir)
+    index_path = model_dir / INDEX_FILE
+    if index_path.exists():
+        return sorted({model_dir / f for f in _weight_map(index_path).values()})
+    return sorted(model_dir.glob(WEIGHT_GLOB))
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index_path}: not valid JSON: {e}") from None
+    except (KeyError, TypeError):
+        raise CheckpointError(f'{index_path}: needs a "weight_map" object') from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to file names")
+    return weight_map
+
+
+def tensor_index(model_dir: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint, from the safetensors headers only.
+
+    With `model.safetensors.index.json` its weight_map decides which file holds
+    what (each named file must exist and hold its tensors); without one, every
+    `model*.safetensors` file is read, as mlx-lm's loader does.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model directory {model_dir} does not exist")
+    index_path = model_dir / INDEX_FILE
+    if index_path.exists():
+        weight_map = _weight_map(index_path)
+        headers = {}
+        for file in sorted(set(weight_map.values())):
+            if not (model_dir / file).is_file():
+                raise CheckpointError(f"{index_path} names {file}, which is missing from {model_dir}")
+            headers[file] = read_safetensors_header(model_dir / file)
+        index = {}
+        for name, file in weight_map.items():
+            if name not in headers[file]:
+                raise CheckpointError(f"{index_path} puts {name!r} in {file}, which lacks it")
+            index[name] = headers[file][name]
+        return index
+
+    files = sorted(model_dir.glob(WEIGHT_GLOB))
+    if not files:
+        raise CheckpointError(f"{model_dir} holds no {WEIGHT_GLOB} files and no {INDEX_FILE}")
+    index = {}
+    for file in files:
+        for name, info in read_safetensors_header(file).items():
+            if name in index:
+                raise CheckpointError(f"tensor {name!r} is in both {index[name].file.name} and {file.name}")
+            index[name] = info
+    return index
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def stage_tensor_names(index: dict[str, Any], start: int, end: int, *, first: bool, last: bool) -> list[str]:
+    """Tensors a stage holding layers [start, end) loads, in index order.
+
+    The first stage adds embed_tokens, the last the final norm and lm_head;
+    a checkpoint without lm_head ties it to embed_tokens, so its last stage
+    needs embed_tokens too.
+    """
+    tied = not any(n.startswith(LM_HEAD_PREFIX) for n in index)
+    names = []
+    for name in index:
+        layer = layer_of(name)
+        if layer is not None:
+            keep = start <= layer < end
+        elif name.startswith(EMBED_PREFIX):
+            keep = first or (last and tied)
+        else:
+            keep = last and name.startswith(HEAD_PREFIXES)
+        if keep:
+            names.append(name)
+    return names
+
+
+def layer_sizes(model_dir: str | Path) -> LayerSizes:
+    """Per-layer bytes: exact from the safetensors headers, else estimated from config.json."""
+    config = read_config(model_dir)
+    num_layers = _int_field(config, "num_hidden_layers", model_dir)
+    if not weight_files(model_dir):
+        return estimate_layer_sizes(config)
+
+    index = tensor_index(model_dir)
+    layers = [0] * num_layers
+    embed = head = 0
+    tied = True
+    for name, info in index.items():
+        layer = layer_of(name)
+        if layer is not None:
+            if layer < num_layers:  # higher ones (multi-token prediction) mlx-lm drops
+                layers[layer] += info.nbytes
+        elif name.startswith(EMBED_PREFIX):
+            embed += info.nbytes
+        elif name.startswith(HEAD_PREFIXES):
+            head += info.nbytes
+            tied = tied and not name.startswith(LM_HEAD_PREFIX)
+    missing = [i for i, n in enumerate(layers) if n == 0]
+    if missing:
+        raise CheckpointError(
+            f"{model_dir}: config.json says {num_layers} layers but the safetensors hold "
+            f"no tensors for layer(s) {_ranges(missing)} (an incomplete download?)"
+        )
+    if embed == 0:
+        raise CheckpointError(f"{model_dir}: the safetensors hold no model.embed_tokens")
+    return LayerSizes(tuple(layers), embed, head, estimated=False, tied_embeddings=tied)
+
+
+def kv_bytes_per_token_per_layer(config: dict, dtype_bytes: int) -> int:
+    """KV cache bytes one token adds to one layer.
+
+    MLA models (deepseek_v3, kimi_k2) cache in mlx-lm the compressed latent and
+    the rotary key: kv_lora_rank + qk_rope_head_dim values. Others cache a key
+    and a value per KV head.
+    """
+    try:
+        if config.get("kv_lora_rank"):
+            return (config["kv_lora_rank"] + config.get("qk_rope_head_dim", 0)) * dtype_bytes
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    except KeyError as e:
+        raise CheckpointError(f"config.json needs {e.args[0]} to size the KV cache") from None
+    return 2 * kv_heads * head_dim * dtype_bytes
+
+
+def config_dtype_bytes(config: dict) -> int:
+    """Bytes per value of the checkpoint's unquantized dtype (torch_dtype)."""
+    return TORCH_DTYPE_BYTES.get(str(config.get("torch_dtype", "bfloat16")), 2)
+
+
+# --- estimation from config.json ----------------------------------------------
+
+
+def _int_field(config: dict, key: str, where: Any) -> int:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{where}: config.json needs an integer {key}, got {value!r}")
+    return value
+
+
+def _ranges(indices: list[int]) -> str:
+    out, i = [], 0
+    while i < len(indices):
+        j = i
+        while j + 1 < len(indices) and indices[j + 1] == indices[j] + 1:
+            j += 1
+        out.append(str(indices[i]) if i == j else f"{indices[i]}-{indices[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+class _Estimator:
+    """Byte sizes of modules as mlx-lm stores them after quantization."""
+
+    def __init__(self, config: dict):
+        self.dtype_bytes = config_dtype_bytes(config)
+        self.quant = config.get("quantization")
+        if self.quant is not None and not isinstance(self.quant, dict):
+            raise CheckpointError("config.json: quantization must be an object")
+
+    def _params_for(self, path: str, in_dims: int) -> dict | None:
+        """Quantization parameters of one module (None: stored unquantized)."""
+        q = self.quant
+        if q is None:
+            return None
+        if path in q:  # a per-module override, as mlx-lm's loader reads it
+            return q[path] if isinstance(q[path], dict) else None
+        if in_dims % q.get("group_size", 64) != 0:  # mlx-lm convert skips these
+            return None
+        return q
+
+    def quantizable(self, path: str, shape: tuple[int, ...], bias: bool = False) -> int:
+        """A Linear/Embedding/SwitchLinear/MultiLinear weight of `shape` (..., out, in)."""
+        *lead, out_dims, in_dims = shape
+        rows = math.prod(lead) * out_dims
+        bias_bytes = rows * self.dtype_bytes if bias else 0
+        params = self._params_for(path, in_dims)
+        if params is None:
+            return rows * in_dims * self.dtype_bytes + bias_bytes
+        bits = params.get("bits", self.quant.get("bits", 4))
+        group_size = params.get("group_size", self.quant.get("group_size", 64))
+        mode = params.get("mode", self.quant.get("mode", "affine"))
+        weight = rows * math.ceil(in_dims * bits / 32) * 4
+        groups = rows * math.ceil(in_dims / group_size)
+        if mode in QUANT_SCALE_BYTES:
+            scales = groups * QUANT_SCALE_BYTES[mode]
+        else:  # affine: scales and biases in the model dtype
+            scales = 2 * groups * self.dtype_bytes
+        return weight + scales + bias_bytes
+
+    def plain(self, *shape: int, dtype_bytes: int | None = None) -> int:
+        return math.prod(shape) * (dtype_bytes or self.dtype_bytes)
+
+
+def _mlp(est: _Estimator, prefix: str, hidden: int, inter: int, *, experts: int = 0) -> int:
+    lead = (experts,) if experts else ()
+    return (
+        est.quantizable(f"{prefix}.gate_proj", (*lead, inter, hidden))
+        + est.quantizable(f"{prefix}.up_proj", (*lead, inter, hidden))
+        + est.quantizable(f"{prefix}.down_proj", (*lead, hidden, inter))
+    )
+
+
+def _deepseek_layer(est: _Estimator, c: dict, i: int) -> int:
+    p = f"model.layers.{i}"
+    hidden, heads = c["hidden_size"], c["num_attention_heads"]
+    nope, rope, v_dim = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    kv_rank, q_rank = c["kv_lora_rank"], c.get("q_lora_rank")
+    bias = bool(c.get("attention_bias", False))
+    q_head = nope + rope
+    a = f"{p}.self_attn"
+    if q_rank is None:
+        size = est.quantizable(f"{a}.q_proj", (heads * q_head, hidden))
+    else:
+        size = (
+            est.quantizable(f"{a}.q_a_proj", (q_rank, hidden), bias)
+            + est.plain(q_rank)
+            + est.quantizable(f"{a}.q_b_proj", (heads * q_head, q_rank))
+        )
+    size += (
+        est.quantizable(f"{a}.kv_a_proj_with_mqa", (kv_rank + rope, hidden), bias)
+        + est.plain(kv_rank)
+        + est.quantizable(f"{a}.embed_q", (heads, kv_rank, nope))
+        + est.quantizable(f"{a}.unembed_out", (heads, v_dim, kv_rank))
+        + est.quantizable(f"{a}.o_proj", (hidden, heads * v_dim), bias)
+        + 2 * est.plain(hidden)  # input and post-attention RMSNorms
+    )
+    experts = c.get("n_routed_experts")
+    moe = experts is not None and i >= c.get("first_k_dense_replace", 0) and i % c.get("moe_layer_freq", 1) == 0
+    if not moe:
+        return size + _mlp(est, f"{p}.mlp", hidden, c["intermediate_size"])
+    moe_inter = c["moe_intermediate_size"]
+    size += _mlp(est, f"{p}.mlp.switch_mlp", hidden, moe_inter, experts=experts)
+    size += est.plain(experts, hidden)  # router (MoEGate) weight, never quantized
+    size += est.plain(experts, dtype_bytes=4)  # e_score_correction_bias stays float32
+    if c.get("n_shared_experts") is not None:
+        size += _mlp(est, f"{p}.mlp.shared_experts", hidden, moe_inter * c["n_shared_experts"])
+    return size
+
+
+def _dense_layer(est: _Estimator, c: dict, i: int) -> int:
+    p = f"model.layers.{i}"
+    hidden, heads = c["hidden_size"], c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or hidden // heads
+    bias = bool(c.get("attention_bias", False))
+    a = f"{p}.self_attn"
+    return (
+        est.quantizable(f"{a}.q_proj", (heads * head_dim, hidden), bias)
+        + est.quantizable(f"{a}.k_proj", (kv_heads * head_dim, hidden), bias)
+        + est.quantizable(f"{a}.v_proj", (kv_heads * head_dim, hidden), bias)
+        + est.quantizable(f"{a}.o_proj", (hidden, heads * head_dim))
+        + _mlp(est, f"{p}.mlp", hidden, c["intermediate_size"])
+        + 2 * est.plain(hidden)
+    )
+
+
+MLA_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
+_MOE_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
+
+
+def estimate_layer_sizes(config: dict) -> LayerSizes:
+    """Sizes from the architecture and its quantization block, no weights needed."""
+    model_type = config.get("model_type")
+    if model_type in MLA_MODEL_TYPES:
+        layer_fn = _deepseek_layer
+    elif not any(config.get(k) for k in _MOE_KEYS) and not config.get("kv_lora_rank"):
+        layer_fn = _dense_layer
+    else:
+        raise CheckpointError(
+            f"config.json: cannot estimate sizes of model_type {model_type!r} without "
+            f"its safetensors (known: {', '.join(MLA_MODEL_TYPES)} and dense transformers); "
+            "download the weights so the sizes can be read from their headers"
+        )
+    num_layers = _int_field(config, "num_hidden_layers", "config.json")
+    est = _Estimator(config)
+    try:
+        hidden, vocab = config["hidden_size"], config["vocab_size"]
+        layers = tuple(layer_fn(est, config, i) for i in range(num_layers))
+    except KeyError as e:
+        raise CheckpointError(f"config.json: {model_type} needs {e.args[0]}") from None
+    tied = bool(config.get("tie_word_embeddings", False))
+    embed = est.quantizable("model.embed_tokens", (vocab, hidden))
+    head = est.plain(hidden)
+    if not tied:
+        head += est.quantizable("lm_head", (vocab, hidden))
+    return LayerSizes(layers, embed, head, estimated=True, tied_embeddings=tied)

@@ -1,0 +1,85 @@
+"""The coordinator's side of a worker's REQ/REP control channel.
+
+Lazy Pirate: every request has a deadline; when the reply does not come, the
+REQ socket is thrown away and a fresh one connected, so one lost reply never
+wedges the coordinator. Commands are idempotent, so a retry is always safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import zmq
+import zmq.asyncio
+
+from . import wire
+
+DEFAULT_TIMEOUT_S = 5.0
+
+
+class ControlError(RuntimeError):
+    """The worker answered, and the answer was a refusal."""
+
+
+class ControlTimeout(TimeoutError):
+    """No answer within the deadline."""
+
+
+class ControlClient:
+    def __init__(self, ctx: zmq.asyncio.Context, name: str, address: str, secure=None):
+        self.ctx = ctx
+        self.name = name
+        self.address = address
+        self._secure = secure  # callable configuring a fresh socket (CURVE), or None
+        self._ids = itertools.count()
+        self._lock = asyncio.Lock()
+        self._sock: zmq.asyncio.Socket | None = None
+
+    def _socket(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            s = self.ctx.socket(zmq.REQ)
+            s.setsockopt(zmq.LINGER, 0)
+            if self._secure is not None:
+                self._secure(s, self.name)
+            s.connect(self.address)
+            self._sock = s
+        return self._sock
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def close(self) -> None:
+        self._reset()
+
+    async def call(self, cmd: str, args: dict | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> dict:
+        """Send one command; return its result or raise ControlError/ControlTimeout."""
+        async with self._lock:
+            cid = f"{cmd}-{next(self._ids)}"
+            header = {"cmd": cmd, "id": cid}
+            if args:
+                header["args"] = args
+            sock = self._socket()
+            try:
+                await sock.send_multipart(wire.encode("command", header))
+                while True:
+                    frames = await asyncio.wait_for(sock.recv_multipart(), timeout)
+                    msg = wire.decode(frames)
+                    if msg.kind == "reply" and msg.header["id"] in (cid, ""):
+                        break
+            except TimeoutError:
+                self._reset()
+                raise ControlTimeout(
+                    f"worker {self.name} ({self.address}) did not answer {cmd} within {timeout:g} s"
+                ) from None
+            except (wire.WireError, zmq.ZMQError) as e:
+                self._reset()
+                raise ControlError(f"worker {self.name}: bad reply to {cmd}: {e}") from None
+            except asyncio.CancelledError:
+                self._reset()
+                raise
+        if not msg.header["ok"]:
+            raise ControlError(f"worker {self.name}: {msg.header.get('error', 'refused')}")
+        return msg.header.get("result") or {}

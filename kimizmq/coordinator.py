@@ -1,0 +1,419 @@
+"""kimi-coordinator: plans the cluster, loads every worker in parallel, and runs
+requests through the pipeline. Holds no weights.
+
+A request's life, all in this file:
+  submit -> prompt chunks pushed to stage 0 (the last chunk asks for a sample)
+  -> a `token` arrives from the last stage -> detokenize, check stops
+  -> either push that token to stage 0 as the next decode step, or finish:
+  a `release` travels the data path behind everything the request sent, so
+  every stage frees the request's caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import click
+import mlx.core as mx
+import zmq
+import zmq.asyncio
+
+from . import log, wire
+from .config import Config, ConfigError, load_config
+from .control import ControlClient, ControlError, ControlTimeout
+from .plan import Plan, PlanError, make_plan
+from .tokenizer import Tokenizer, load_tokenizer
+
+HEALTH_POLL_S = 0.2
+LOAD_CALL_TIMEOUT_S = 10.0
+PUSH_HWM = 256
+
+logger = log.get_logger()
+
+
+class RequestError(RuntimeError):
+    """A request that failed in the cluster; the message is for the client."""
+
+
+@dataclass
+class Event:
+    """What a request produces: text deltas, then one final event."""
+
+    kind: str  # "token" | "done" | "error"
+    text: str = ""
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: list | None = None
+    finish_reason: str | None = None
+    message: str | None = None
+
+
+@dataclass
+class Request:
+    id: str
+    prompt: list[int]
+    max_tokens: int
+    params: dict
+    stop: list[str] = field(default_factory=list)
+    stop_on_eos: bool = True
+    tokens: list[int] = field(default_factory=list)
+    seq: int = 0
+    text: str = ""
+    emitted: int = 0
+    finish_reason: str | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float = 0.0
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    detok: object = None
+
+    @property
+    def offset(self) -> int:
+        """Position of the next token to feed: prompt plus generated minus the one pending."""
+        return len(self.prompt) + len(self.tokens) - 1
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters could still become a stop string."""
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:k]):
+                keep = k
+                break
+    return keep
+
+
+class Engine:
+    def __init__(self, cfg: Config, plan: Plan, tokenizer: Tokenizer):
+        self.cfg = cfg
+        self.plan = plan
+        self.tokenizer = tokenizer
+        self.ctx = zmq.asyncio.Context()
+        self.workers = {w.name: w for w in cfg.workers}
+        self.control = {w.name: ControlClient(self.ctx, w.name, w.control_address) for w in cfg.workers}
+        self.worker_state: dict[str, dict] = {w.name: {"state": "unknown"} for w in cfg.workers}
+        self.state = "starting"
+        self.requests: dict[str, Request] = {}
+        self.slots = asyncio.Semaphore(cfg.runtime.max_concurrent)
+        self.waiting = 0
+        self._ids = itertools.count()
+        self.push: zmq.asyncio.Socket | None = None
+        self.pull: zmq.asyncio.Socket | None = None
+        self.tasks: list[asyncio.Task] = []
+        self.metrics = {"requests_total": 0, "requests_failed": 0, "tokens_generated": 0, "prompt_tokens": 0}
+        self.latency: dict[str, list[float]] = {"ttft_s": [], "itl_s": []}
+
+    # -- start and stop -------------------------------------------------------------
+
+    def open_sockets(self) -> None:
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES + (1 << 20))
+        self.pull.bind(self.cfg.coordinator.result_address)
+        first = self.workers[self.plan.stages[0].worker]
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.setsockopt(zmq.SNDHWM, PUSH_HWM)
+        self.push.connect(first.data_address)
+
+    def load_args(self, i: int) -> dict:
+        stages = self.plan.stages
+        nxt = (
+            self.workers[stages[i + 1].worker].data_address
+            if i + 1 < len(stages)
+            else self.cfg.coordinator.result_address
+        )
+        return {
+            "start": stages[i].start,
+            "end": stages[i].end,
+            "next": nxt,
+            "report": self.cfg.coordinator.result_address,
+            "dtype": self.cfg.runtime.dtype,
+            "max_requests": self.cfg.runtime.max_concurrent,
+            "max_context": self.cfg.runtime.max_context,
+        }
+
+    async def load_all(self) -> None:
+        """Every worker loads its shard at once; wait until all are ready.
+
+        A worker that already holds the planned shard (coordinator restart)
+        answers ready at once and keeps it."""
+        self.state = "loading"
+        deadline = time.monotonic() + self.cfg.runtime.load_timeout_s
+        pending = {s.worker: i for i, s in enumerate(self.plan.stages)}
+
+        async def load_one(name: str, i: int) -> None:
+            while True:
+                try:
+                    self.worker_state[name] = await self.control[name].call(
+                        "load", self.load_args(i), LOAD_CALL_TIMEOUT_S
+                    )
+                    return
+                except ControlTimeout:
+                    if time.monotonic() > deadline:
+                        raise
+                    logger.warning("worker_not_answering", worker=name)
+
+        await asyncio.gather(*(load_one(n, i) for n, i in pending.items()))
+        logger.info("load_requested", workers=list(pending))
+        while pending:
+            if time.monotonic() > deadline:
+                names = ", ".join(pending)
+                raise RequestError(f"workers not ready after {self.cfg.runtime.load_timeout_s:g} s: {names}")
+            for name in list(pending):
+                try:
+                    h = await self.control[name].call("health", timeout=LOAD_CALL_TIMEOUT_S)
+                except ControlTimeout:
+                    continue
+                self.worker_state[name] = h
+                if h["state"] == "ready":
+                    pending.pop(name)
+                    logger.info("worker_ready", worker=name, layers=h.get("layers"))
+                elif h["state"] == "error":
+                    raise RequestError(f"worker {name} failed to load: {h.get('error')}")
+                elif h["state"] == "idle":
+                    raise RequestError(f"worker {name} lost its load (restarted?)")
+            await asyncio.sleep(HEALTH_POLL_S)
+        self.state = "ready"
+        logger.info("cluster_ready", stages=[(s.worker, s.start, s.end) for s in self.plan.stages])
+
+    async def start(self) -> None:
+        self.open_sockets()
+        self.tasks.append(asyncio.create_task(self._receive_loop()))
+        try:
+            await self.load_all()
+        except (RequestError, ControlError, ControlTimeout) as e:
+            self.state = "failed"
+            logger.error("cluster_load_failed", error=str(e))
+            raise
+        self.tasks.append(asyncio.create_task(self._watch_loop()))
+
+    async def _watch_loop(self) -> None:
+        """Application-level liveness: a worker whose loop does not answer a
+        ping within the timeout is down, whatever TCP thinks of it."""
+        rt = self.cfg.runtime
+        while True:
+            await asyncio.sleep(rt.heartbeat_interval_s)
+            await self.refresh_workers(timeout=rt.liveness_timeout_s, cmd="ping")
+            down = [n for n, w in self.worker_state.items() if not w.get("up") or w.get("state") != "ready"]
+            if down and self.state == "ready":
+                self.state = "degraded"
+                logger.error("workers_down", workers=down)
+                self.fail_all(f"worker {', '.join(down)} is down; the request cannot finish")
+            elif not down and self.state == "degraded":
+                self.state = "ready"
+                logger.info("workers_back")
+
+    def fail_all(self, message: str) -> None:
+        for req in list(self.requests.values()):
+            self.metrics["requests_failed"] += 1
+            req.events.put_nowait(Event("error", message=message))
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for c in self.control.values():
+            c.close()
+        for s in (self.push, self.pull):
+            if s is not None:
+                s.close(linger=0)
+        self.ctx.term()
+
+    # -- requests -------------------------------------------------------------------
+
+    def new_request_id(self) -> str:
+        return f"req-{secrets.token_hex(6)}-{next(self._ids)}"
+
+    async def generate(self, req: Request) -> AsyncIterator[Event]:
+        """Run one request; yields events until (and including) the final one.
+        Closing the iterator early cancels the request on every stage."""
+        if self.state != "ready":
+            raise RequestError(f"cluster is {self.state}, not ready")
+        if len(req.prompt) + req.max_tokens > self.cfg.runtime.max_context:
+            raise RequestError(
+                f"prompt ({len(req.prompt)} tokens) plus max_tokens ({req.max_tokens}) "
+                f"exceeds the context length {self.cfg.runtime.max_context}"
+            )
+        self.waiting += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.waiting -= 1
+        log.bind_request(req.id)
+        req.detok = self.tokenizer.detokenizer()
+        req.params.setdefault("seed", int.from_bytes(os.urandom(4), "little"))
+        self.requests[req.id] = req
+        self.metrics["requests_total"] += 1
+        self.metrics["prompt_tokens"] += len(req.prompt)
+        logger.info("request_submitted", prompt_tokens=len(req.prompt), max_tokens=req.max_tokens)
+        finished = False
+        try:
+            await self._send_prompt(req)
+            while True:
+                ev = await req.events.get()
+                yield ev
+                if ev.kind in ("done", "error"):
+                    finished = True
+                    return
+        finally:
+            self.requests.pop(req.id, None)
+            self.slots.release()
+            await self._release(req)
+            if not finished:
+                logger.info("request_cancelled", tokens=len(req.tokens))
+            log.bind_request(None)
+
+    async def _send_prompt(self, req: Request) -> None:
+        chunk = self.cfg.runtime.prefill_chunk
+        ids = req.prompt
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            header = {
+                "req": req.id,
+                "seq": 0,
+                "offset": start,
+                "sample": start + chunk >= len(ids),
+                "params": req.params,
+            }
+            await self.push.send_multipart(wire.encode("forward", header, [mx.array([part], dtype=mx.int32)]))
+
+    async def _send_step(self, req: Request) -> None:
+        header = {"req": req.id, "seq": req.seq, "offset": req.offset, "sample": True, "params": req.params}
+        await self.push.send_multipart(wire.encode("forward", header, [mx.array([[req.tokens[-1]]], dtype=mx.int32)]))
+
+    async def _release(self, req: Request) -> None:
+        await self.push.send_multipart(wire.encode("release", {"req": req.id}))
+
+    async def _receive_loop(self) -> None:
+        while True:
+            frames = await self.pull.recv_multipart()
+            try:
+                msg = wire.decode(frames)
+            except wire.WireError as e:
+                logger.warning("bad_result_message", error=str(e))
+                continue
+            req = self.requests.get(msg.header.get("req", ""))
+            if req is None:
+                continue  # a request already finished or cancelled
+            if msg.kind == "token" and msg.header["seq"] == req.seq:
+                await self._on_token(req, msg.header)
+            elif msg.kind == "error":
+                self.metrics["requests_failed"] += 1
+                logger.error("request_failed", request_id=req.id, error=msg.header["message"])
+                req.events.put_nowait(Event("error", message=msg.header["message"]))
+            else:
+                logger.warning("unexpected_result", request_id=req.id, kind=msg.kind)
+
+    async def _on_token(self, req: Request, h: dict) -> None:
+        now = time.monotonic()
+        if req.first_token_at is None:
+            req.first_token_at = now
+            self.latency["ttft_s"].append(now - req.submitted)
+        else:
+            self.latency["itl_s"].append(now - req.last_token_at)
+        req.last_token_at = now
+        token = h["token"]
+        self.metrics["tokens_generated"] += 1
+        req.tokens.append(token)
+        req.seq += 1
+        if req.stop_on_eos and token in self.tokenizer.eos_token_ids:
+            req.finish_reason = "stop"
+            delta = req.detok.finalize()
+        else:
+            delta = req.detok.add_token(token)
+        req.text += delta
+        cut = None
+        if req.stop:
+            search_from = max(0, req.emitted - max(len(s) for s in req.stop))
+            hits = [i for s in req.stop if (i := req.text.find(s, search_from)) >= 0]
+            if hits:
+                cut = min(hits)
+                req.finish_reason = "stop"
+        if req.finish_reason is None and len(req.tokens) >= req.max_tokens:
+            req.finish_reason = "length"
+            req.text += req.detok.finalize()
+        if cut is not None:
+            upto = cut
+        elif req.finish_reason is not None:
+            upto = len(req.text)
+        else:
+            upto = len(req.text) - _held_back(req.text, req.stop)
+        text = req.text[req.emitted : max(upto, req.emitted)]
+        req.emitted = max(upto, req.emitted)
+        req.events.put_nowait(
+            Event("token", text=text, token=token, logprob=h["logprob"], top_logprobs=h.get("top_logprobs"))
+        )
+        if req.finish_reason is not None:
+            logger.info("request_finished", reason=req.finish_reason, tokens=len(req.tokens), request_id=req.id)
+            req.events.put_nowait(Event("done", finish_reason=req.finish_reason))
+        else:
+            await self._send_step(req)
+
+    # -- status -------------------------------------------------------------------------
+
+    async def refresh_workers(self, timeout: float = 2.0, cmd: str = "stats") -> dict[str, dict]:
+        async def one(name: str) -> None:
+            try:
+                h = await self.control[name].call(cmd, timeout=timeout)
+                h["up"] = True
+            except (ControlTimeout, ControlError) as e:
+                h = {"state": "down", "up": False, "error": str(e)}
+            h["last_seen"] = time.time() if h["up"] else self.worker_state.get(name, {}).get("last_seen")
+            self.worker_state[name] = h
+
+        await asyncio.gather(*(one(n) for n in self.control))
+        return self.worker_state
+
+
+async def serve(cfg: Config) -> None:
+    from .api import run_api
+
+    plan = make_plan(cfg)
+    tokenizer = load_tokenizer(cfg.model_path)
+    engine = Engine(cfg, plan, tokenizer)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = await run_api(engine)
+    try:
+        starter = asyncio.create_task(engine.start())
+        done, _ = await asyncio.wait([starter, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if starter in done and starter.exception() is not None:
+            raise starter.exception()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await engine.close()
+        logger.info("coordinator_stopped")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="etc/kimi.toml")
+@click.option("-v", "--verbose", is_flag=True, help="also print every log line on stderr")
+def main(config_path: str, verbose: bool) -> None:
+    """Run the coordinator of the cluster config."""
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    log.configure("coordinator", cfg.log_dir, verbose=verbose)
+    logger.info("coordinator_started", pid=os.getpid(), api_port=cfg.coordinator.api_port)
+    try:
+        asyncio.run(serve(cfg))
+    except (PlanError, RequestError, ControlError, ControlTimeout, OSError, ValueError) as e:
+        logger.error("coordinator_failed", error=str(e))
+        raise click.ClickException(str(e)) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,532 @@
+"""Which worker holds which layers, decided from measured bytes before anything loads.
+
+Stages follow the order of [[workers]] in kimi.toml: the first holds
+embed_tokens, the last the final norm and lm_head. Each stage reserves memory
+for its KV caches (max_context x max_concurrent tokens on each of its layers)
+and a runtime margin; a worker may use memory_fraction of its memory (or of
+max_memory_gb, if lower).
+
+Placement is an exact search over contiguous splits (61 layers and a handful
+of workers make that instant):
+  memory     minimize the highest (weights + KV) / (usable - margin) over the
+             stages, so every worker fills the same share of what it has;
+  bandwidth  minimize the slowest stage, weight bytes / bandwidth_gbs, among
+             splits where every stage fits.
+Ties go to the split whose stages are most even (least sum of squares).
+Explicit `layers = [start, end]` are kept as written; the other workers share
+what is left, in order.
+
+Memory sizes are in GiB (2^30 bytes): memory_gb = 192 means a 192 GB Mac,
+which has 192 GiB of RAM.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from .checkpoint import (
+    CheckpointError,
+    LayerSizes,
+    config_dtype_bytes,
+    kv_bytes_per_token_per_layer,
+    layer_sizes,
+    read_config,
+)
+from .config import Config, ConfigError, WorkerConfig, load_config
+
+GIB = 1 << 30
+RUNTIME_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+WIRED_LIMIT_HINT = (
+    "macOS lets the GPU wire only about 75% of RAM by default; to use more, run "
+    "`sudo sysctl iogpu.wired_limit_mb=<MB>` on that Mac and raise [plan] memory_fraction to match"
+)
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "kimi.toml"
+
+
+class PlanError(ValueError):
+    """No usable plan: which worker is short and by how much, or which override is wrong.
+
+    `plan` is the closest plan found when the model does not fit, None when
+    the configuration itself is wrong.
+    """
+
+    def __init__(self, message: str, plan: Plan | None = None):
+        super().__init__(message)
+        self.plan = plan
+
+
+@dataclass(frozen=True)
+class StageAssignment:
+    worker: str
+    start: int  # first layer
+    end: int  # one past the last layer
+    weight_bytes: int
+    reserved_bytes: int  # KV caches + runtime margin
+    memory_bytes: int  # usable: memory_fraction x min(memory_gb, max_memory_gb)
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    @property
+    def free_bytes(self) -> int:
+        """Negative when the stage does not fit."""
+        return self.memory_bytes - self.weight_bytes - self.reserved_bytes
+
+    @property
+    def layers_label(self) -> str:
+        return _span(self.start, self.end)
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: list[StageAssignment]
+    total_weight_bytes: int
+    estimated: bool
+    balance: str = "memory"
+    num_layers: int = 0
+
+    @property
+    def fits(self) -> bool:
+        return all(s.free_bytes >= 0 for s in self.stages)
+
+    def stage(self, worker: str) -> StageAssignment:
+        for s in self.stages:
+            if s.worker == worker:
+                return s
+        raise KeyError(f"the plan has no stage for worker {worker!r}")
+
+    def to_json(self) -> dict:
+        return {
+            "stages": [
+                {
+                    "worker": s.worker,
+                    "start": s.start,
+                    "end": s.end,
+                    "weight_bytes": s.weight_bytes,
+                    "reserved_bytes": s.reserved_bytes,
+                    "memory_bytes": s.memory_bytes,
+                }
+                for s in self.stages
+            ],
+            "total_weight_bytes": self.total_weight_bytes,
+            "estimated": self.estimated,
+            "fits": self.fits,
+        }
+
+
+def _span(start: int, end: int) -> str:
+    """Layers [start, end) as people say them, inclusive: [0, 44) is "0-43"."""
+    return str(start) if end - start == 1 else f"{start}-{end - 1}"
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def _usable_bytes(cfg: Config, w: WorkerConfig) -> int:
+    memory_gb = w.memory_gb if w.max_memory_gb is None else min(w.memory_gb, w.max_memory_gb)
+    return int(cfg.plan.memory_fraction * memory_gb * GIB)
+
+
+def kv_dtype_bytes(cfg: Config, model_config: dict) -> int:
+    """Bytes per cached value: the runtime dtype, or for "auto" the checkpoint's
+    dtype (what Metal workers compute in; CPU workers use float32)."""
+    return RUNTIME_DTYPE_BYTES.get(cfg.runtime.dtype) or config_dtype_bytes(model_config)
+
+
+def _validate(cfg: Config, n: int) -> None:
+    """Reject overrides and settings no plan can honour, saying why."""
+    workers = cfg.workers
+    src = cfg.path
+    if len(workers) > n:
+        raise PlanError(
+            f"{src}: {len(workers)} workers but the model has only {n} layers; "
+            "every worker needs at least one layer, so remove a worker"
+        )
+    for w in workers:
+        if w.max_memory_gb is not None and w.max_memory_gb <= 0:
+            raise PlanError(f"{src}: worker {w.name!r}: max_memory_gb must be > 0")
+        if w.layers is None:
+            continue
+        start, end = w.layers
+        if end <= start:
+            raise PlanError(
+                f"{src}: worker {w.name!r}: layers = [{start}, {end}] is empty; "
+                "end must be greater than start (end is exclusive)"
+            )
+        if start < 0 or end > n:
+            raise PlanError(
+                f"{src}: worker {w.name!r}: layers = [{start}, {end}] is out of range; "
+                f"the model has {n} layers, so ranges lie within [0, {n}]"
+            )
+    explicit = [w for w in workers if w.layers is not None]
+    for i, a in enumerate(explicit):
+        for b in explicit[i + 1 :]:
+            lo, hi = max(a.layers[0], b.layers[0]), min(a.layers[1], b.layers[1])
+            if lo < hi:
+                raise PlanError(
+                    f"{src}: workers {a.name!r} {list(a.layers)} and {b.name!r} "
+                    f"{list(b.layers)} overlap on layer(s) {_span(lo, hi)}; "
+                    "each layer must belong to exactly one worker"
+                )
+    for a, b in itertools.pairwise(explicit):
+        if b.layers[0] < a.layers[0]:
+            raise PlanError(
+                f"{src}: worker {b.name!r} {list(b.layers)} is listed after {a.name!r} "
+                f"{list(a.layers)} but holds earlier layers; stages run in the order of "
+                "[[workers]], so list the workers in layer order"
+            )
+    # Between consecutive fixed ranges, the automatic workers listed there
+    # share the layers left: there must be some, and enough for one each.
+    pos = {w.name: i for i, w in enumerate(workers)}
+    prev_end, prev_name, prev_idx = 0, "the start", -1
+    for w in [*explicit, None]:
+        start = n if w is None else w.layers[0]
+        idx = len(workers) if w is None else pos[w.name]
+        name = "the end" if w is None else f"worker {w.name!r} {list(w.layers)}"
+        auto = [x.name for x in workers[prev_idx + 1 : idx]]
+        gap = start - prev_end
+        if gap > 0 and not auto:
+            raise PlanError(
+                f"{src}: layer(s) {_span(prev_end, start)} belong to no worker: none "
+                f"is listed between {prev_name} and {name} to hold them; widen an "
+                "explicit range, or list a worker without `layers` between them"
+            )
+        if len(auto) > gap:
+            who = ", ".join(map(repr, auto))
+            raise PlanError(
+                f"{src}: worker(s) {who} between {prev_name} and {name} are left "
+                f"{gap} layer(s); every worker needs at least one"
+            )
+        if w is not None:
+            prev_end, prev_name, prev_idx = w.layers[1], name, idx
+    if cfg.plan.balance == "bandwidth":
+        missing = [w.name for w in workers if w.layers is None and not w.bandwidth_gbs]
+        if missing:
+            raise PlanError(
+                f'{src}: [plan] balance = "bandwidth" needs bandwidth_gbs > 0 for '
+                f"worker(s) {', '.join(map(repr, missing))}"
+            )
+
+
+def _split(
+    n: int,
+    fixed: list[tuple[int, int] | None],
+    score: Callable[[int, int, int], float],
+) -> list[int] | None:
+    """Boundaries 0 = b0 < b1 < ... < bW = n minimizing the largest
+    score(worker, start, end), then the sum of squared scores; None when every
+    split scores infinite."""
+    workers = len(fixed)
+
+    def allowed(i: int, j: int, k: int) -> bool:
+        return fixed[i] is None or fixed[i] == (j, k)
+
+    best = [[math.inf] * (n + 1) for _ in range(workers + 1)]
+    best[0][0] = 0.0
+    for i in range(workers):
+        for j in range(i, n):
+            if best[i][j] == math.inf:
+                continue
+            for k in range(j + 1, n + 1):
+                if allowed(i, j, k):
+                    v = max(best[i][j], score(i, j, k))
+                    best[i + 1][k] = min(best[i + 1][k], v)
+    bottleneck = best[workers][n]
+    if bottleneck == math.inf:
+        return None
+    limit = bottleneck * (1 + 1e-9)
+
+    total = [[math.inf] * (n + 1) for _ in range(workers + 1)]
+    back = [[0] * (n + 1) for _ in range(workers + 1)]
+    total[0][0] = 0.0
+    for i in range(workers):
+        for j in range(i, n):
+            if total[i][j] == math.inf:
+                continue
+            for k in range(j + 1, n + 1):
+                if allowed(i, j, k):
+                    s = score(i, j, k)
+                    if s <= limit and total[i][j] + s * s < total[i + 1][k]:
+                        total[i + 1][k] = total[i][j] + s * s
+                        back[i + 1][k] = j
+    bounds = [n]
+    for i in range(workers, 0, -1):
+        bounds.append(back[i][bounds[-1]])
+    return bounds[::-1]
+
+
+def make_plan(config: Config, sizes: LayerSizes | None = None, *, model_config: dict | None = None) -> Plan:
+    """The placement of every layer; deterministic, raises PlanError when it does not fit.
+
+    `sizes` and `model_config` default to what config.model_path holds.
+    """
+    if model_config is None:
+        model_config = read_config(config.model_path)
+    if sizes is None:
+        sizes = layer_sizes(config.model_path)
+    n = sizes.num_layers
+    _validate(config, n)
+    workers = config.workers
+
+    rt = config.runtime
+    kv_per_layer = (
+        kv_bytes_per_token_per_layer(model_config, kv_dtype_bytes(config, model_config))
+        * rt.max_context
+        * rt.max_concurrent
+    )
+    margin = int(config.plan.runtime_margin_gb * GIB)
+    usable = [_usable_bytes(config, w) for w in workers]
+    for w, u in zip(workers, usable):
+        if u <= margin:
+            raise PlanError(
+                f"{config.path}: worker {w.name!r} may use {_gib(u)} "
+                f"({config.plan.memory_fraction:.0%} of its memory), no more than the "
+                f"{_gib(margin)} runtime margin; raise memory_gb/max_memory_gb or "
+                f"memory_fraction. {WIRED_LIMIT_HINT}"
+            )
+
+    prefix = [0]
+    for b in sizes.layers:
+        prefix.append(prefix[-1] + b)
+
+    def weights(j: int, k: int) -> int:
+        total = prefix[k] - prefix[j]
+        if j == 0 or (k == n and sizes.tied_embeddings):
+            total += sizes.embed_bytes
+        if k == n:
+            total += sizes.head_bytes
+        return total
+
+    def memory_score(i: int, j: int, k: int) -> float:
+        return (weights(j, k) + kv_per_layer * (k - j)) / (usable[i] - margin)
+
+    def bandwidth_score(i: int, j: int, k: int) -> float:
+        if memory_score(i, j, k) > 1:
+            return math.inf
+        return weights(j, k) / (workers[i].bandwidth_gbs or math.inf)
+
+    fixed = [w.layers for w in workers]
+    bounds = None
+    if config.plan.balance == "bandwidth":
+        bounds = _split(n, fixed, bandwidth_score)
+    if bounds is None:  # memory balance, or the closest miss to report
+        bounds = _split(n, fixed, memory_score)
+
+    stages = [
+        StageAssignment(
+            worker=w.name,
+            start=j,
+            end=k,
+            weight_bytes=weights(j, k),
+            reserved_bytes=kv_per_layer * (k - j) + margin,
+            memory_bytes=u,
+        )
+        for w, u, j, k in zip(workers, usable, bounds, bounds[1:])
+    ]
+    plan = Plan(
+        stages=stages,
+        total_weight_bytes=sum(s.weight_bytes for s in stages),
+        estimated=sizes.estimated,
+        balance=config.plan.balance,
+        num_layers=n,
+    )
+    if not plan.fits:
+        raise PlanError(_shortfall_message(config, plan), plan)
+    return plan
+
+
+def _layers_phrase(s: StageAssignment) -> str:
+    return f"layer{'s' if s.num_layers > 1 else ''} {s.layers_label}"
+
+
+def _shortfall_message(cfg: Config, plan: Plan) -> str:
+    parts = []
+    explicit = False
+    for s in plan.stages:
+        if s.free_bytes < 0:
+            fixed = cfg.worker(s.worker).layers is not None
+            explicit = explicit or fixed
+            parts.append(
+                f"worker {s.worker!r} is {_gib(-s.free_bytes)} short: for "
+                f"{_layers_phrase(s)}{' (set in kimi.toml)' if fixed else ''} it needs "
+                f"{_gib(s.weight_bytes)} of weights + {_gib(s.reserved_bytes)} reserved "
+                f"and may use {_gib(s.memory_bytes)}"
+            )
+    need = sum(s.weight_bytes + s.reserved_bytes for s in plan.stages)
+    have = sum(s.memory_bytes for s in plan.stages)
+    if need > have:
+        total = f"In all {_gib(need - have)} is missing ({_gib(need)} needed, {_gib(have)} usable)."
+    else:
+        total = f"In all {_gib(have)} is usable for {_gib(need)} needed, but no split into whole layers fits."
+    fixes = "add memory or a worker, lower [runtime] max_context or max_concurrent"
+    if explicit:
+        fixes += ", give fewer explicit layers to the short worker"
+    return f"the model does not fit: {'; '.join(parts)}. {total} To fix: {fixes}; or: {WIRED_LIMIT_HINT}."
+
+
+# --- this machine -------------------------------------------------------------
+
+_VM_PAGE_SIZE = re.compile(r"page size of (\d+) bytes")
+_VM_LINE = re.compile(r"^(Pages [a-z ]+):\s+(\d+)\.", re.MULTILINE)
+VM_STAT_TIMEOUT_S = 5.0
+
+
+def vm_stat_available_bytes(out: str) -> int:
+    """Free + inactive + speculative pages in `vm_stat` output, in bytes."""
+    page = _VM_PAGE_SIZE.search(out)
+    if page is None:
+        raise OSError(f"cannot read vm_stat output (no page size): {out[:200]!r}")
+    pages = {k: int(v) for k, v in _VM_LINE.findall(out)}
+    wanted = ("Pages free", "Pages inactive", "Pages speculative")
+    return int(page.group(1)) * sum(pages.get(k, 0) for k in wanted)
+
+
+def _darwin_available_bytes() -> int:
+    """Free + inactive + speculative pages from vm_stat: what macOS can hand
+    out without swapping. Capped by the GPU's wired-memory limit, which is
+    where Metal weights live."""
+    try:
+        out = subprocess.run(
+            ["vm_stat"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=VM_STAT_TIMEOUT_S,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise OSError(f"cannot read free memory from vm_stat: {e}") from None
+    free = vm_stat_available_bytes(out)
+    try:
+        import mlx.core as mx
+
+        limit = mx.device_info().get("max_recommended_working_set_size")
+    except (ImportError, RuntimeError, AttributeError, ValueError):
+        limit = None
+    return min(free, int(limit)) if limit else free
+
+
+def available_memory_bytes() -> int:
+    """Memory this machine can give a new shard now, without swapping.
+
+    Linux: MemAvailable from /proc/meminfo. macOS: free + inactive +
+    speculative pages from `vm_stat`, at most the GPU wired-memory limit
+    (mx.device_info()'s max_recommended_working_set_size, which follows
+    `sysctl iogpu.wired_limit_mb`). Elsewhere: available physical pages.
+    """
+    if sys.platform == "darwin":
+        return _darwin_available_bytes()
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_stage_memory(stage: StageAssignment, available: int | None = None) -> None:
+    """Raise PlanError when this machine cannot hold `stage` now: refusing
+    beats swapping a few hundred GB."""
+    if available is None:
+        available = available_memory_bytes()
+    need = stage.weight_bytes + stage.reserved_bytes
+    if need > available:
+        raise PlanError(
+            f"worker {stage.worker!r} needs {_gib(need)} for {_layers_phrase(stage)} "
+            f"({_gib(stage.weight_bytes)} weights + {_gib(stage.reserved_bytes)} reserved) "
+            f"but only {_gib(available)} is free now ({_gib(need - available)} short); "
+            "close other programs or give this worker fewer layers"
+        )
+
+
+# --- kimi plan ----------------------------------------------------------------
+
+
+def format_plan(plan: Plan, cfg: Config, model_config: dict) -> str:
+    """The table `kimi plan` prints; sizes in GiB (MiB for a model under 1 GiB)."""
+    rt = cfg.runtime
+    kv = kv_bytes_per_token_per_layer(model_config, kv_dtype_bytes(cfg, model_config))
+    if plan.estimated:
+        source = "estimated from config.json and its quantization block (no safetensors found)"
+    else:
+        source = "exact, from the safetensors headers (no tensor data read)"
+    weights = plan.total_weight_bytes
+    unit, scale = ("GiB", GIB) if weights >= GIB else ("MiB", 1 << 20)
+    rows = [("worker", "layers", "[start, end)", "weights", "reserved", "usable", "free")]
+    for s in plan.stages:
+        sizes = (s.weight_bytes, s.reserved_bytes, s.memory_bytes, s.free_bytes)
+        rows.append((s.worker, s.layers_label, f"[{s.start}, {s.end})") + tuple(f"{b / scale:.1f}" for b in sizes))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    table = ["  ".join(v.ljust(w) if c < 3 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))) for r in rows]
+    header = [
+        (
+            f"model:    {cfg.model_path} ({plan.num_layers} layers, "
+            f"{weights / scale:.1f} {unit} = {weights / 1e9:.3g} GB of weights)"
+        ),
+        f"sizes:    {source}",
+        (
+            f"balance:  {plan.balance}; usable = {cfg.plan.memory_fraction:.0%} of memory; "
+            f"reserved = KV cache ({rt.max_context} tokens x {rt.max_concurrent} "
+            f"requests x {kv} B per token and layer) "
+            f"+ {cfg.plan.runtime_margin_gb:g} GiB margin"
+        ),
+    ]
+    power = 30 if unit == "GiB" else 20
+    units = f"sizes in {unit} (2^{power} bytes); memory_gb is read as GiB"
+    return "\n".join([*header, "", units, *table])
+
+
+@click.command("plan")
+@click.option(
+    "--config",
+    "config_path",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="the cluster's kimi.toml",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+def plan_command(config_path: Path, as_json: bool) -> None:
+    """Show which worker holds which layers, and whether it fits; loads nothing.
+
+    Exit 0 when the plan fits, 1 when it does not, 2 on a configuration error.
+    """
+    try:
+        cfg = load_config(config_path)
+        model_config = read_config(cfg.model_path)
+        plan = make_plan(cfg, layer_sizes(cfg.model_path), model_config=model_config)
+        error = None
+    except PlanError as e:
+        if e.plan is None:
+            click.echo(f"kimi plan: {e}", err=True)
+            sys.exit(2)
+        plan, error = e.plan, e
+    except (ConfigError, CheckpointError) as e:
+        click.echo(f"kimi plan: {e}", err=True)
+        sys.exit(2)
+
+    if as_json:
+        click.echo(json.dumps(plan.to_json(), indent=2))
+    else:
+        click.echo(format_plan(plan, cfg, model_config))
+        click.echo("")
+        click.echo("fits." if error is None else "does NOT fit.")
+        if error is None:
+            click.echo(f"note: {WIRED_LIMIT_HINT}.")
+    if error is not None:
+        click.echo(f"kimi plan: {error}", err=True)
+        sys.exit(1)

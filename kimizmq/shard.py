@@ -1,0 +1,200 @@
+"""Load one stage's slice of a model: layers [start, end), plus the embedding
+on the first stage and the final norm and lm_head on the last.
+
+The model classes, sanitize step and per-module quantization come from mlx-lm;
+this module only decides which tensors to read. `mx.load` is lazy, so tensors
+outside the slice are never read from disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+from mlx_lm.utils import _get_classes, infer_quant_config, load_config
+
+from .checkpoint import CheckpointError, stage_tensor_names, tensor_index
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be loaded; the message names the file or tensor."""
+
+
+def compute_dtype(name: str) -> mx.Dtype | None:
+    """The activation dtype for `name`; None keeps the checkpoint's own.
+
+    "auto" is float32 on the CPU: MLX's CPU quantized matmul with bfloat16
+    activations is slow and off by ~12 %."""
+    if name == "auto":
+        return mx.float32 if mx.default_device() == mx.cpu else None
+    if name not in DTYPES:
+        raise ShardError(f"unknown dtype {name!r}; expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class Shard:
+    """A loaded layer range and the one forward pass a stage runs."""
+
+    model: nn.Module
+    config: dict
+    start: int
+    end: int
+    first: bool
+    last: bool
+    nbytes: int
+
+    @property
+    def inner(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return self.inner.layers[self.start : self.end]
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.inner.layers[self.start].input_layernorm.weight.dtype
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in range(self.end - self.start)]
+
+    def __call__(self, x: mx.array, cache: list[KVCache], *, head: bool = True) -> mx.array:
+        """Token ids (first stage) or activations in; activations out, or on
+        the last stage with `head`, the last position's logits."""
+        h = self.inner.embed_tokens(x) if self.first else x.astype(self.dtype)
+        mask = create_attention_mask(h, cache[0], return_array=True)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, cache=c)
+        if not (self.last and head):
+            return h
+        h = self.inner.norm(h[:, -1:, :])
+        if getattr(self.model.args, "tie_word_embeddings", False):
+            return self.inner.embed_tokens.as_linear(h)
+        return self.model.lm_head(h)
+
+
+def _trim(model: nn.Module, start: int, end: int, first: bool, last: bool) -> None:
+    """Drop every module this stage does not run, keeping parameter names."""
+    inner = model.model
+    layers = inner.layers[:end]
+    layers[:start] = [None] * start
+    inner.layers = layers
+    tied = bool(getattr(model.args, "tie_word_embeddings", False))
+    if not first and not (last and tied):
+        del inner["embed_tokens"]
+    if not last:
+        del inner["norm"]
+    if (not last or tied) and "lm_head" in model:
+        del model["lm_head"]
+
+
+def _quantize(model: nn.Module, config: dict, weights: dict[str, mx.array]) -> None:
+    """mlx-lm's rule: a module named in config["quantization"] takes those
+    settings; any other module with saved scales has its bits and group size
+    inferred from the tensor shapes (mixed-bit checkpoints load as they are)."""
+    quantization = config.get("quantization")
+    if quantization is None:
+        return
+
+    def predicate(path: str, module: nn.Module):
+        if path in quantization:
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def load_shard(
+    model_dir: str | Path,
+    start: int,
+    end: int,
+    *,
+    dtype: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> Shard:
+    """Load layers [start, end) of the checkpoint at `model_dir`.
+
+    `progress(done_bytes, total_bytes)` is called as layers are read."""
+    model_dir = Path(model_dir)
+    try:
+        config = load_config(model_dir)
+    except FileNotFoundError:
+        raise ShardError(f"{model_dir}: no config.json; is [model] path right?") from None
+    n_layers = config.get("num_hidden_layers")
+    if not isinstance(n_layers, int) or not 0 <= start < end <= n_layers:
+        raise ShardError(f"layer range [{start}, {end}) is not inside the model's {n_layers} layers")
+    first, last = start == 0, end == n_layers
+    index = tensor_index(model_dir)
+    names = stage_tensor_names(index, start, end, first=first, last=last)
+    total = sum(index[n].nbytes for n in names)
+
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        by_file.setdefault(Path(index[n].file), []).append(n)
+    weights: dict[str, mx.array] = {}
+    for file, file_names in by_file.items():
+        try:
+            lazy = mx.load(str(file))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise ShardError(f"{file}: cannot read safetensors: {e}") from None
+        for n in file_names:
+            if n not in lazy:
+                raise ShardError(f"{file}: tensor {n} listed in the index is missing")
+            weights[n] = lazy[n]
+
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    _trim(model, start, end, first, last)
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    _quantize(model, config, weights)
+    model.eval()
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ShardError(f"{model_dir}: checkpoint does not match the model: {e}") from None
+
+    target = compute_dtype(dtype)
+    if target is not None:
+        model.set_dtype(target)  # lazy: the cast happens as each tensor is read
+
+    # Reading happens here, a module at a time, so progress is real. Everything
+    # is evaluated on this thread: MLX streams belong to the thread that made them.
+    parts: list[nn.Module] = []
+    if "embed_tokens" in model.model:
+        parts.append(model.model.embed_tokens)
+    parts.extend(model.model.layers[start:end])
+    parts.extend(m for m in (model.model.get("norm"), model.get("lm_head")) if m is not None)
+    sizes = [sum(v.nbytes for _, v in tree_flatten(p.parameters())) for p in parts]
+    done = 0
+    for part, size in zip(parts, sizes):
+        try:
+            mx.eval(part.parameters())
+        except (RuntimeError, ValueError) as e:
+            raise ShardError(f"{model_dir}: reading weights failed: {e}") from None
+        done += size
+        if progress is not None:
+            progress(total * done // sum(sizes), total)
+    # Constants the modules made for themselves (rope frequencies, ...) too.
+    mx.eval([v for _, v in tree_flatten(model) if isinstance(v, mx.array)])
+    return Shard(model, config, start, end, first, last, nbytes=total)
+
+
+__all__ = ["Shard", "ShardError", "CheckpointError", "compute_dtype", "load_shard"]

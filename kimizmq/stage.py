@@ -1,0 +1,173 @@
+"""One pipeline stage's compute: a KV cache per request, the forward pass over
+the stage's layers, and sampling on the last stage.
+
+Pure compute, no sockets: the worker daemon feeds it decoded messages.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+from .shard import Shard
+
+MAX_TOP_LOGPROBS = 20
+_MASK64 = (1 << 64) - 1
+
+
+class StageError(ValueError):
+    """A forward request this stage cannot run; sent back to the coordinator."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0
+    logprobs: int = 0  # how many top alternatives to return per token
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplingParams:
+        """Validate a peer's dict; a bad value raises StageError naming it."""
+        kwargs = {}
+        for name, f in cls.__dataclass_fields__.items():
+            if name not in d:
+                continue
+            v = d[name]
+            want = type(f.default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise StageError(f"sampling parameter {name} must be a number, got {v!r}")
+            if want is int and not isinstance(v, int):
+                raise StageError(f"sampling parameter {name} must be an integer, got {v!r}")
+            kwargs[name] = want(v)
+        p = cls(**kwargs)
+        if not (0 <= p.temperature < math.inf):
+            raise StageError("temperature must be >= 0")
+        if not (0 < p.top_p <= 1) or not (0 <= p.min_p < 1):
+            raise StageError("top_p must be in (0, 1] and min_p in [0, 1)")
+        if p.top_k < 0 or not 0 <= p.logprobs <= MAX_TOP_LOGPROBS:
+            raise StageError(f"top_k must be >= 0 and logprobs in 0..{MAX_TOP_LOGPROBS}")
+        return p
+
+
+@dataclass
+class RequestState:
+    cache: list
+    params: SamplingParams
+    offset: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class ForwardResult:
+    """Activations for the next stage, or (last stage) the sampled token."""
+
+    activations: mx.array | None = None
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[list] | None = None
+
+
+def _step_key(seed: int, position: int) -> mx.array:
+    """A key that depends only on the request's seed and the position being
+    sampled: a replayed request samples exactly what it sampled before."""
+    return mx.random.key(((seed & _MASK64) ^ (position * 0x9E3779B97F4A7C15)) & _MASK64)
+
+
+def sample(logits: mx.array, params: SamplingParams, position: int) -> ForwardResult:
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    if params.temperature == 0:
+        token = mx.argmax(logprobs, axis=-1)
+    else:
+        filtered = logprobs
+        if params.top_p < 1:
+            filtered = apply_top_p(filtered, params.top_p)
+        if params.min_p > 0:
+            filtered = apply_min_p(filtered, params.min_p)
+        if params.top_k > 0:
+            filtered = apply_top_k(filtered, params.top_k)
+        token = mx.random.categorical(filtered * (1 / params.temperature), key=_step_key(params.seed, position))
+    chosen = mx.take_along_axis(logprobs, token[:, None], axis=-1)
+    outputs = [token, chosen]
+    if params.logprobs:
+        top_ids = mx.argpartition(-logprobs, params.logprobs - 1, axis=-1)[:, : params.logprobs]
+        top_vals = mx.take_along_axis(logprobs, top_ids, axis=-1)
+        outputs += [top_ids, top_vals]
+    mx.eval(*outputs)
+    result = ForwardResult(token=int(token.item()), logprob=float(chosen.item()))
+    if params.logprobs:
+        pairs = sorted(zip(top_ids[0].tolist(), top_vals[0].tolist()), key=lambda p: -p[1])
+        result.top_logprobs = [[int(i), float(v)] for i, v in pairs]
+    return result
+
+
+class Stage:
+    """A shard plus the per-request KV caches it holds."""
+
+    def __init__(self, shard: Shard, *, max_requests: int, max_context: int):
+        self.shard = shard
+        self.max_requests = max_requests
+        self.max_context = max_context
+        self.requests: dict[str, RequestState] = {}
+        self.compute_s = 0.0
+        self.forwards = 0
+        self.tokens_in = 0
+
+    def check_input(self, x: mx.array) -> None:
+        """Shapes and dtypes a peer sent, checked before they reach MLX."""
+        if self.shard.first:
+            if x.ndim != 2 or x.shape[0] != 1 or x.dtype != mx.int32:
+                raise StageError(f"first stage expects int32 token ids of shape (1, L), got {x.dtype} {x.shape}")
+            vocab = self.shard.config.get("vocab_size")
+            if x.size and (int(mx.min(x).item()) < 0 or int(mx.max(x).item()) >= vocab):
+                raise StageError(f"token ids must be in 0..{vocab - 1}")
+        else:
+            hidden = self.shard.config["hidden_size"]
+            if x.ndim != 3 or x.shape[0] != 1 or x.shape[2] != hidden:
+                raise StageError(f"expected activations of shape (1, L, {hidden}), got {x.shape}")
+            if not mx.issubdtype(x.dtype, mx.floating):
+                raise StageError(f"activations must be floating point, got {x.dtype}")
+        if x.shape[1] == 0:
+            raise StageError("empty chunk")
+
+    def forward(self, req: str, offset: int, x: mx.array, *, sample_last: bool, params: dict) -> ForwardResult:
+        self.check_input(x)
+        state = self.requests.get(req)
+        if state is None:
+            if offset != 0:
+                raise StageError(f"unknown request {req} at offset {offset} (released or never started)")
+            if len(self.requests) >= self.max_requests:
+                raise StageError(f"stage is full: {self.max_requests} requests in flight")
+            state = RequestState(self.shard.make_cache(), SamplingParams.from_dict(params))
+            self.requests[req] = state
+        elif offset != state.offset:
+            raise StageError(f"request {req}: chunk at offset {offset}, expected {state.offset}")
+        length = x.shape[1]
+        if offset + length > self.max_context:
+            raise StageError(f"request {req}: {offset + length} tokens exceed max_context {self.max_context}")
+
+        t0 = time.perf_counter()
+        out = self.shard(x, state.cache, head=sample_last)
+        if self.shard.last and sample_last:
+            result = sample(out[:, -1, :], state.params, offset + length)
+        else:
+            mx.eval(out)  # also settles this chunk's cache updates
+            result = ForwardResult(activations=None if self.shard.last else out)
+        self.compute_s += time.perf_counter() - t0
+        self.forwards += 1
+        self.tokens_in += length
+        state.offset += length
+        state.last_used = time.monotonic()
+        return result
+
+    def release(self, req: str) -> bool:
+        return self.requests.pop(req, None) is not None
+
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes for s in self.requests.values() for c in s.cache)

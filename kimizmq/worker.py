@@ -1,0 +1,366 @@
+"""kimi-worker: one daemon per Mac, holding one contiguous range of layers.
+
+Sockets (all created and configured in `WorkerSockets`):
+  control  REP   bound    commands from the coordinator (ping, health, load, ...)
+  data     PULL  bound    token ids / activations from the previous stage
+  next     PUSH  connect  activations to the next stage, or tokens to the coordinator
+  report   PUSH  connect  errors for the coordinator, from any stage
+
+The loop reads top to bottom: poll with a timeout, answer a command, run one
+data message, repeat. Loading runs on a thread so health keeps answering.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import click
+import mlx.core as mx
+import zmq
+
+from . import log, wire
+from .checkpoint import CheckpointError, read_config, stage_tensor_names, tensor_index
+from .config import Config, ConfigError, WorkerConfig, load_config
+from .plan import available_memory_bytes
+from .shard import ShardError, load_shard
+from .stage import Stage, StageError
+
+POLL_MS = 100
+SEND_TIMEOUT_MS = 5000
+DATA_HWM = 64
+LOAD_MARGIN_BYTES = 1 << 30  # beyond the shard's own bytes, to not swap
+
+logger = log.get_logger()
+
+
+@dataclass
+class LoadSpec:
+    start: int
+    end: int
+    next_address: str
+    report_address: str
+    dtype: str
+    max_requests: int
+    max_context: int
+
+    @classmethod
+    def from_args(cls, args: dict, cfg: Config) -> LoadSpec:
+        try:
+            spec = cls(
+                start=args["start"],
+                end=args["end"],
+                next_address=args["next"],
+                report_address=args.get("report", cfg.coordinator.result_address),
+                dtype=args.get("dtype", cfg.runtime.dtype),
+                max_requests=args.get("max_requests", cfg.runtime.max_concurrent),
+                max_context=args.get("max_context", cfg.runtime.max_context),
+            )
+        except KeyError as e:
+            raise ValueError(f"load needs {e.args[0]!r}") from None
+        ints = (spec.start, spec.end, spec.max_requests, spec.max_context)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
+            raise ValueError("load: start, end, max_requests and max_context must be integers")
+        if not all(isinstance(v, str) for v in (spec.next_address, spec.report_address, spec.dtype)):
+            raise ValueError("load: next, report and dtype must be strings")
+        if not spec.next_address.startswith("tcp://"):
+            raise ValueError("load: next must be a tcp:// address")
+        return spec
+
+
+class Worker:
+    def __init__(self, cfg: Config, me: WorkerConfig):
+        self.cfg = cfg
+        self.me = me
+        self.ctx = zmq.Context()
+        self.control = self.ctx.socket(zmq.REP)
+        self.data = self.ctx.socket(zmq.PULL)
+        for s in (self.control, self.data):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RCVHWM, DATA_HWM)
+            s.setsockopt(zmq.MAXMSGSIZE, wire.DEFAULT_MAX_TENSOR_BYTES + wire.MAX_HEADER_BYTES)
+        self.control.bind(me.control_address)
+        self.data.bind(me.data_address)
+        self.next: zmq.Socket | None = None
+        self.report: zmq.Socket | None = None
+        self.connected: dict[str, str] = {}  # "next"/"report" -> address
+
+        self.state = "idle"  # idle | loading | ready | error
+        self.error: str | None = None
+        self.spec: LoadSpec | None = None
+        self.stage: Stage | None = None
+        self.progress = {"done_bytes": 0, "total_bytes": 0, "rate_bytes_s": 0.0}
+        self.load_thread: threading.Thread | None = None
+        self.started = time.time()
+        self.counters = {"bad_messages": 0, "stage_errors": 0, "requests_started": 0, "tokens_sampled": 0}
+        self.running = True
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def close(self) -> None:
+        for s in (self.control, self.data, self.next, self.report):
+            if s is not None:
+                s.close(linger=0)
+        self.ctx.term()
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.data, zmq.POLLIN)
+        logger.info("worker_started", control=self.me.control_address, data=self.me.data_address, pid=os.getpid())
+        while self.running:
+            events = dict(poller.poll(POLL_MS))
+            if self.control in events:
+                self.control.send_multipart(self.handle_command(self.control.recv_multipart(copy=False)))
+            if self.data in events:
+                self.handle_data(self.data.recv_multipart(copy=False))
+        logger.info("worker_stopped")
+
+    # -- control ------------------------------------------------------------------
+
+    def handle_command(self, frames) -> list:
+        try:
+            msg = wire.decode(frames)
+            if msg.kind != "command":
+                raise wire.WireError(f"control socket takes commands, got {msg.kind}")
+        except wire.WireError as e:
+            self.counters["bad_messages"] += 1
+            logger.warning("bad_command", error=str(e))
+            return wire.encode("reply", {"id": "", "ok": False, "error": f"bad message: {e}"})
+        cmd, cid, args = msg.header["cmd"], msg.header["id"], msg.header.get("args") or {}
+        handler = getattr(self, f"cmd_{cmd}", None)
+        if handler is None:
+            return wire.encode("reply", {"id": cid, "ok": False, "error": f"unknown command {cmd!r}"})
+        try:
+            result = handler(args)
+        except (ValueError, StageError) as e:
+            logger.warning("command_refused", cmd=cmd, error=str(e))
+            return wire.encode("reply", {"id": cid, "ok": False, "error": str(e)})
+        return wire.encode("reply", {"id": cid, "ok": True, "result": result})
+
+    def cmd_ping(self, args: dict) -> dict:
+        return {"name": self.me.name, "state": self.state, "pid": os.getpid(), "time": time.time()}
+
+    def cmd_health(self, args: dict) -> dict:
+        out = self.cmd_ping(args)
+        out.update(
+            error=self.error,
+            progress=dict(self.progress),
+            layers=[self.spec.start, self.spec.end] if self.spec else None,
+            requests=len(self.stage.requests) if self.stage else 0,
+            memory_bytes=mx.get_active_memory(),
+            uptime_s=time.time() - self.started,
+        )
+        return out
+
+    def cmd_stats(self, args: dict) -> dict:
+        out = self.cmd_health(args)
+        stage = self.stage
+        out.update(
+            self.counters,
+            active_requests=sorted(stage.requests) if stage else [],
+            forwards=stage.forwards if stage else 0,
+            tokens_in=stage.tokens_in if stage else 0,
+            compute_s=stage.compute_s if stage else 0.0,
+            cache_bytes=stage.cache_bytes() if stage else 0,
+            weight_bytes=stage.shard.nbytes if stage else 0,
+            peak_memory_bytes=mx.get_peak_memory(),
+        )
+        return out
+
+    def cmd_load(self, args: dict) -> dict:
+        spec = LoadSpec.from_args(args, self.cfg)
+        same = self.spec is not None and (self.spec.start, self.spec.end) == (spec.start, spec.end)
+        if same and self.state in ("loading", "ready"):
+            # Idempotent: a repeated load (lost reply, restarted coordinator) keeps the shard.
+            self._connect(spec)
+            return self.cmd_health({})
+        if self.state == "loading":
+            raise ValueError("a different shard is still loading; unload first")
+        self._unload()
+        self.spec = spec
+        self.state = "loading"
+        self.error = None
+        self._connect(spec)
+        self.load_thread = threading.Thread(target=self._load, args=(spec,), daemon=True)
+        self.load_thread.start()
+        return self.cmd_health({})
+
+    def cmd_unload(self, args: dict) -> dict:
+        if self.state == "loading":
+            raise ValueError("still loading; unload when the load has finished")
+        self._unload()
+        return self.cmd_health({})
+
+    def cmd_release(self, args: dict) -> dict:
+        req = args.get("req")
+        if not isinstance(req, str):
+            raise ValueError("release needs req")
+        return {"released": bool(self.stage and self.stage.release(req))}
+
+    def cmd_shutdown(self, args: dict) -> dict:
+        self.running = False
+        return {"state": "stopping"}
+
+    def _unload(self) -> None:
+        self.stage = None
+        self.spec = None
+        self.state = "idle"
+        self.progress = {"done_bytes": 0, "total_bytes": 0, "rate_bytes_s": 0.0}
+        mx.clear_cache()
+
+    def _connect(self, spec: LoadSpec) -> None:
+        for attr, address in (("next", spec.next_address), ("report", spec.report_address)):
+            sock = getattr(self, attr)
+            if sock is not None and self.connected.get(attr) == address:
+                continue
+            if sock is not None:
+                sock.close(linger=0)
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, DATA_HWM)
+            sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+            sock.connect(address)
+            self.connected[attr] = address
+            setattr(self, attr, sock)
+
+    def _load(self, spec: LoadSpec) -> None:
+        model_dir = self.cfg.model_path
+        t0 = time.monotonic()
+        try:
+            index = tensor_index(model_dir)
+            n_layers = read_config(model_dir)["num_hidden_layers"]
+            names = stage_tensor_names(index, spec.start, spec.end, first=spec.start == 0, last=spec.end == n_layers)
+            need = sum(index[n].nbytes for n in names) + LOAD_MARGIN_BYTES
+            free = available_memory_bytes()
+            if need > free:
+                raise ShardError(
+                    f"not enough free memory for layers [{spec.start}, {spec.end}): "
+                    f"need {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free; close other programs or move layers"
+                )
+            logger.info(
+                "load_started", start=spec.start, end=spec.end, bytes=need - LOAD_MARGIN_BYTES, model=str(model_dir)
+            )
+
+            def progress(done: int, total: int) -> None:
+                rate = done / max(time.monotonic() - t0, 1e-9)
+                self.progress = {"done_bytes": done, "total_bytes": total, "rate_bytes_s": rate}
+                logger.info("load_progress", done_bytes=done, total_bytes=total, rate_mb_s=round(rate / 1e6, 1))
+
+            shard = load_shard(model_dir, spec.start, spec.end, dtype=spec.dtype, progress=progress)
+            self.stage = Stage(shard, max_requests=spec.max_requests, max_context=spec.max_context)
+            self.state = "ready"
+            logger.info("load_finished", seconds=round(time.monotonic() - t0, 3), bytes=shard.nbytes)
+        except (ShardError, CheckpointError, ValueError, OSError, RuntimeError) as e:
+            self.error = str(e)
+            self.state = "error"
+            logger.error("load_failed", error=str(e))
+
+    # -- data -------------------------------------------------------------------
+
+    def _send(self, sock: zmq.Socket | None, frames: list, what: str) -> None:
+        if sock is None:
+            return
+        try:
+            sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            logger.error("send_timeout", to=what, timeout_ms=SEND_TIMEOUT_MS)
+
+    def _report_error(self, req: str, message: str) -> None:
+        self.counters["stage_errors"] += 1
+        logger.warning("stage_error", error=message)
+        self._send(self.report, wire.encode("error", {"req": req, "message": f"{self.me.name}: {message}"}), "report")
+
+    def handle_data(self, frames) -> None:
+        try:
+            msg = wire.decode(frames)
+        except wire.WireError as e:
+            self.counters["bad_messages"] += 1
+            logger.warning("bad_data_message", error=str(e))
+            return
+        req = msg.header.get("req", "")
+        log.bind_request(req)
+        try:
+            if msg.kind == "forward":
+                self._forward(msg)
+            elif msg.kind == "release":
+                released = self.stage.release(req) if self.stage else False
+                logger.info("request_released", had_cache=released)
+                if self.spec and self.spec.end < self._n_layers():
+                    self._send(self.next, wire.encode("release", {"req": req}), "next")
+            else:
+                self.counters["bad_messages"] += 1
+                logger.warning("bad_data_message", error=f"unexpected kind {msg.kind} on the data socket")
+        finally:
+            log.bind_request(None)
+
+    def _n_layers(self) -> int:
+        return self.stage.shard.config["num_hidden_layers"] if self.stage else 0
+
+    def _forward(self, msg: wire.Message) -> None:
+        h = msg.header
+        req = h["req"]
+        stage = self.stage
+        if self.state != "ready" or stage is None:
+            self._report_error(req, f"not ready (state {self.state})")
+            return
+        if h["offset"] == 0 and req not in stage.requests:
+            self.counters["requests_started"] += 1
+            logger.info("request_started", tokens=msg.tensors[0].shape[1] if msg.tensors else 0)
+        try:
+            result = stage.forward(req, h["offset"], msg.tensors[0], sample_last=h["sample"], params=h["params"])
+        except StageError as e:
+            stage.release(req)
+            self._report_error(req, str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - a failed forward must not take the daemon down
+            logger.exception("forward_failed")
+            stage.release(req)
+            self._report_error(req, f"forward failed: {type(e).__name__}: {e}")
+            return
+        if result.activations is not None:
+            header = {k: h[k] for k in ("req", "seq", "offset", "sample", "params")}
+            self._send(self.next, wire.encode("forward", header, [result.activations]), "next")
+        elif result.token is not None:
+            self.counters["tokens_sampled"] += 1
+            out = {"req": req, "seq": h["seq"], "token": result.token, "logprob": result.logprob}
+            if result.top_logprobs is not None:
+                out["top_logprobs"] = result.top_logprobs
+            self._send(self.next, wire.encode("token", out), "coordinator")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="etc/kimi.toml")
+@click.option("--name", required=True, help="this worker's name in the config")
+@click.option("-v", "--verbose", is_flag=True, help="also print every log line on stderr")
+def main(config_path: str, name: str, verbose: bool) -> None:
+    """Run the worker NAME of the cluster config."""
+    try:
+        cfg = load_config(config_path)
+        me = cfg.worker(name)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    log.configure(f"worker-{name}", cfg.log_dir, verbose=verbose)
+    try:
+        worker = Worker(cfg, me)
+    except zmq.ZMQError as e:
+        logger.error("worker_start_failed", error=str(e))
+        raise click.ClickException(
+            f"worker {name}: cannot bind {me.control_address} / {me.data_address}: {e}"
+        ) from None
+    signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "running", False))
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        worker.close()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

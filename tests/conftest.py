@@ -1,0 +1,18 @@
+"""Shared fixtures."""
+
+from pathlib import Path
+
+import pytest
+
+from kimizmq.testmodel import make_test_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The 7-layer Kimi-K2-layout test model, cached under models/ (git-ignored).
+
+    make_test_model rebuilds it when its parameters or its generator change.
+    """
+    return make_test_model(REPO / "models" / "test-kimi-k2-tiny-seed0-layers7", seed=0, num_layers=7)
