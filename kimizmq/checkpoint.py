@@ -118,7 +118,10 @@ def _read_exactly(f, n: int) -> bytes:
 
 
 def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Tensor name -> info from one file's header; no tensor data is read."""
+    """Tensor name -> info from one file's header; no tensor data is read.
+
+    Not `safetensors.safe_open`: it reads the whole file (measured: 3 MB of
+    rchar for a 0.9 MB file), which for a 500 GB checkpoint is the load itself."""
     path = Path(path)
     try:
         size = path.stat().st_size
