@@ -18,6 +18,7 @@ from . import log
 from .coordinator import Engine, Event, Request, RequestError
 
 MAX_BODY_BYTES = 4 << 20
+SHUTDOWN_TIMEOUT_S = 2.0  # on SIGTERM, open streams get this long to end
 MAX_STOP_STRINGS = 4
 DEFAULT_MAX_TOKENS = 256
 
@@ -424,7 +425,7 @@ def make_app(engine: Engine) -> web.Application:
 
 
 async def run_api(engine: Engine) -> web.AppRunner:
-    runner = web.AppRunner(make_app(engine), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(make_app(engine), handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, engine.cfg.coordinator.host, engine.cfg.coordinator.api_port)
     await site.start()

@@ -149,6 +149,44 @@ def _fmt_gb(b) -> str:
     return f"{b / 1e9:.2f}" if isinstance(b, (int, float)) else "-"
 
 
+@main.command("keys")
+@config_option
+@click.option("--name", help="make the keypair of this daemon: coordinator, or a worker's name")
+@click.option("--all", "all_names", is_flag=True, help="make a keypair for every daemon (a cluster on one machine)")
+@click.option("--force", is_flag=True, help="replace keys that exist (then copy the new public keys again)")
+def keys_command(config_path, name, all_names, force):
+    """Make CURVE keys in [security] curve_dir; with neither --name nor --all,
+    list the cluster's keys found there.
+
+    On each Mac, make the keys of the daemon it runs with --name, then copy every
+    public/<name>.key to public/ on every other Mac. SECURITY.md has the steps."""
+    from . import security
+
+    cfg = _config(config_path)
+    if name and all_names:
+        raise click.UsageError("give --name or --all, not both")
+    names = security.daemon_names(cfg) if all_names else [name] if name else []
+    try:
+        for n in names:
+            public, secret = security.create_keys(cfg, n, force=force)
+            click.echo(f"{n}: secret key {secret} (stays on this machine)\n{n}: public key {public}")
+        if names:
+            click.echo(
+                f"copy the public key(s) to {security.public_path(cfg, names[0]).parent}/ "
+                "on every other machine of the cluster (SECURITY.md)"
+            )
+            return
+        public_dir = security.public_path(cfg, security.COORDINATOR).parent
+        allowed = security.load_public_keys(public_dir) if public_dir.is_dir() else {}
+        by_name = {n: key.decode() for key, n in allowed.items()}
+        table = [["daemon", "secret key here", "public key"]]
+        for n in security.daemon_names(cfg):
+            table.append([n, "yes" if security.secret_path(cfg, n).exists() else "-", by_name.get(n, "-")])
+        click.echo(_rows(table))
+    except security.SecurityError as e:
+        raise click.ClickException(str(e)) from None
+
+
 main.add_command(plan_command, "plan")
 
 

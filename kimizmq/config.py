@@ -71,7 +71,8 @@ class RuntimeConfig:
     max_concurrent: int = 16
     load_timeout_s: float = 1800.0
     heartbeat_interval_s: float = 1.0
-    liveness_timeout_s: float = 5.0
+    liveness_timeout_s: float = 4.0  # + one heartbeat interval: a dead or hung worker is noticed within 5 s
+    recovery_timeout_s: float = 120.0  # in-flight requests wait this long for a lost worker
 
 
 @dataclass(frozen=True)

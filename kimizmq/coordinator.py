@@ -25,7 +25,7 @@ import mlx.core as mx
 import zmq
 import zmq.asyncio
 
-from . import log, wire
+from . import log, security, wire
 from .config import Config, ConfigError, load_config
 from .control import ControlClient, ControlError, ControlTimeout
 from .plan import Plan, PlanError, make_plan
@@ -73,6 +73,14 @@ class Request:
     last_token_at: float = 0.0
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     detok: object = None
+    replays: int = 0  # how often the pipeline lost it and it was replayed
+    paused: bool = False  # a stage is down: hold the next step until recovery
+
+    @property
+    def wire_id(self) -> str:
+        """The id the stages know: new after every replay, so anything still in
+        flight from before a failure is recognisably stale."""
+        return self.id if not self.replays else f"{self.id}~{self.replays}"
 
     @property
     def offset(self) -> int:
@@ -98,10 +106,13 @@ class Engine:
         self.tokenizer = tokenizer
         self.ctx = zmq.asyncio.Context()
         self.workers = {w.name: w for w in cfg.workers}
-        self.control = {w.name: ControlClient(self.ctx, w.name, w.control_address) for w in cfg.workers}
+        self.curve = security.Curve.for_daemon(cfg, security.COORDINATOR, peers=tuple(self.workers))
+        secure = self.curve.client if self.curve is not None else None
+        self.control = {w.name: ControlClient(self.ctx, w.name, w.control_address, secure) for w in cfg.workers}
         self.worker_state: dict[str, dict] = {w.name: {"state": "unknown"} for w in cfg.workers}
         self.state = "starting"
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # by wire id
+        self.down_since: float | None = None
         self.slots = asyncio.Semaphore(cfg.runtime.max_concurrent)
         self.waiting = 0
         self._ids = itertools.count()
@@ -117,11 +128,15 @@ class Engine:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES + (1 << 20))
-        self.pull.bind(self.cfg.coordinator.result_address)
         first = self.workers[self.plan.stages[0].worker]
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 0)
         self.push.setsockopt(zmq.SNDHWM, PUSH_HWM)
+        if self.curve is not None:
+            self.curve.start(self.ctx)  # before bind: refused peers never reach the socket
+            self.curve.server(self.pull)
+            self.curve.client(self.push, first.name)
+        self.pull.bind(self.cfg.coordinator.result_address)
         self.push.connect(first.data_address)
 
     def load_args(self, i: int) -> dict:
@@ -182,6 +197,13 @@ class Engine:
                 elif h["state"] == "idle":
                     raise RequestError(f"worker {name} lost its load (restarted?)")
             await asyncio.sleep(HEALTH_POLL_S)
+        # Adopted workers (a restarted coordinator) may hold caches of requests
+        # the previous coordinator had in flight: nobody will finish those.
+        for name in self.control:
+            stats = await self.control[name].call("stats", timeout=LOAD_CALL_TIMEOUT_S)
+            for wire_id in stats.get("active_requests", []):
+                await self.control[name].call("release", {"req": wire_id}, LOAD_CALL_TIMEOUT_S)
+                logger.info("orphan_released", worker=name, wire_id=wire_id)
         self.state = "ready"
         logger.info("cluster_ready", stages=[(s.worker, s.start, s.end) for s in self.plan.stages])
 
@@ -198,24 +220,71 @@ class Engine:
 
     async def _watch_loop(self) -> None:
         """Application-level liveness: a worker whose loop does not answer a
-        ping within the timeout is down, whatever TCP thinks of it."""
+        ping within the timeout is down, whatever TCP thinks of it. In-flight
+        requests wait for it; when it is back (reloaded if it restarted), they
+        are replayed. Past the recovery deadline they fail with a clear error."""
         rt = self.cfg.runtime
         while True:
             await asyncio.sleep(rt.heartbeat_interval_s)
             await self.refresh_workers(timeout=rt.liveness_timeout_s, cmd="ping")
-            down = [n for n, w in self.worker_state.items() if not w.get("up") or w.get("state") != "ready"]
-            if down and self.state == "ready":
+            bad = {n: w for n, w in self.worker_state.items() if not w.get("up") or w.get("state") != "ready"}
+            if not bad:
+                if self.state == "degraded":
+                    await self._recover()
+                continue
+            now = time.monotonic()
+            if self.state == "ready":
                 self.state = "degraded"
-                logger.error("workers_down", workers=down)
-                self.fail_all(f"worker {', '.join(down)} is down; the request cannot finish")
-            elif not down and self.state == "degraded":
-                self.state = "ready"
-                logger.info("workers_back")
+                self.down_since = now
+                for req in self.requests.values():
+                    req.paused = True
+                logger.error("workers_down", workers={n: w.get("state") for n, w in bad.items()})
+            for i, stage in enumerate(self.plan.stages):
+                w = bad.get(stage.worker)
+                if w and w.get("up") and w.get("state") in ("idle", "error"):
+                    logger.warning("worker_reload", worker=stage.worker, was=w.get("state"))
+                    try:
+                        await self.control[stage.worker].call("load", self.load_args(i), LOAD_CALL_TIMEOUT_S)
+                    except (ControlError, ControlTimeout) as e:
+                        logger.error("worker_reload_failed", worker=stage.worker, error=str(e))
+            if self.down_since is not None and now - self.down_since > rt.recovery_timeout_s and self.requests:
+                self.fail_all(
+                    f"worker {', '.join(bad)} did not come back within {rt.recovery_timeout_s:g} s; the request cannot finish"
+                )
+
+    async def _recover(self) -> None:
+        """Every stage is back: drop what the stages hold of in-flight requests
+        and replay each one (prompt plus the tokens generated so far)."""
+        reqs = [r for r in self.requests.values() if r.paused]
+        logger.info("workers_back", replaying=len(reqs), down_s=round(time.monotonic() - (self.down_since or 0), 3))
+        self.state = "ready"
+        self.down_since = None
+        for req in reqs:
+            await self._release_everywhere(req.wire_id)
+            self.requests.pop(req.wire_id, None)
+            req.replays += 1
+            req.paused = False
+            self.requests[req.wire_id] = req
+            log.bind_request(req.id)
+            logger.info("request_replayed", tokens=len(req.tokens), wire_id=req.wire_id)
+            await self._send_prompt(req, req.prompt + req.tokens)
+        log.bind_request(None)
+
+    async def _release_everywhere(self, wire_id: str) -> None:
+        async def one(name: str) -> None:
+            try:
+                await self.control[name].call("release", {"req": wire_id}, LOAD_CALL_TIMEOUT_S)
+            except (ControlError, ControlTimeout) as e:
+                logger.warning("release_failed", worker=name, error=str(e))
+
+        await asyncio.gather(*(one(n) for n in self.control))
 
     def fail_all(self, message: str) -> None:
         for req in list(self.requests.values()):
-            self.metrics["requests_failed"] += 1
-            req.events.put_nowait(Event("error", message=message))
+            if req.finish_reason is None:
+                req.finish_reason = "error"
+                self.metrics["requests_failed"] += 1
+                req.events.put_nowait(Event("error", message=message))
 
     async def close(self) -> None:
         for t in self.tasks:
@@ -226,6 +295,8 @@ class Engine:
         for s in (self.push, self.pull):
             if s is not None:
                 s.close(linger=0)
+        if self.curve is not None:
+            self.curve.stop()
         self.ctx.term()
 
     # -- requests -------------------------------------------------------------------
@@ -251,13 +322,13 @@ class Engine:
         log.bind_request(req.id)
         req.detok = self.tokenizer.detokenizer()
         req.params.setdefault("seed", int.from_bytes(os.urandom(4), "little"))
-        self.requests[req.id] = req
+        self.requests[req.wire_id] = req
         self.metrics["requests_total"] += 1
         self.metrics["prompt_tokens"] += len(req.prompt)
         logger.info("request_submitted", prompt_tokens=len(req.prompt), max_tokens=req.max_tokens)
         finished = False
         try:
-            await self._send_prompt(req)
+            await self._send_prompt(req, req.prompt)
             while True:
                 ev = await req.events.get()
                 yield ev
@@ -265,21 +336,22 @@ class Engine:
                     finished = True
                     return
         finally:
-            self.requests.pop(req.id, None)
+            self.requests.pop(req.wire_id, None)
             self.slots.release()
             await self._release(req)
             if not finished:
                 logger.info("request_cancelled", tokens=len(req.tokens))
             log.bind_request(None)
 
-    async def _send_prompt(self, req: Request) -> None:
+    async def _send_prompt(self, req: Request, ids: list[int]) -> None:
+        """Push `ids` from position 0 in chunks; the stages pipeline them and
+        the last chunk asks for a sample."""
         chunk = self.cfg.runtime.prefill_chunk
-        ids = req.prompt
         for start in range(0, len(ids), chunk):
             part = ids[start : start + chunk]
             header = {
-                "req": req.id,
-                "seq": 0,
+                "req": req.wire_id,
+                "seq": req.seq,
                 "offset": start,
                 "sample": start + chunk >= len(ids),
                 "params": req.params,
@@ -287,11 +359,11 @@ class Engine:
             await self.push.send_multipart(wire.encode("forward", header, [mx.array([part], dtype=mx.int32)]))
 
     async def _send_step(self, req: Request) -> None:
-        header = {"req": req.id, "seq": req.seq, "offset": req.offset, "sample": True, "params": req.params}
+        header = {"req": req.wire_id, "seq": req.seq, "offset": req.offset, "sample": True, "params": req.params}
         await self.push.send_multipart(wire.encode("forward", header, [mx.array([[req.tokens[-1]]], dtype=mx.int32)]))
 
     async def _release(self, req: Request) -> None:
-        await self.push.send_multipart(wire.encode("release", {"req": req.id}))
+        await self.push.send_multipart(wire.encode("release", {"req": req.wire_id}))
 
     async def _receive_loop(self) -> None:
         while True:
@@ -306,7 +378,10 @@ class Engine:
                 continue  # a request already finished or cancelled
             if msg.kind == "token" and msg.header["seq"] == req.seq:
                 await self._on_token(req, msg.header)
+            elif msg.kind == "error" and req.paused:
+                logger.warning("error_while_recovering", request_id=req.id, error=msg.header["message"])
             elif msg.kind == "error":
+                req.finish_reason = "error"
                 self.metrics["requests_failed"] += 1
                 logger.error("request_failed", request_id=req.id, error=msg.header["message"])
                 req.events.put_nowait(Event("error", message=msg.header["message"]))
@@ -355,7 +430,7 @@ class Engine:
         if req.finish_reason is not None:
             logger.info("request_finished", reason=req.finish_reason, tokens=len(req.tokens), request_id=req.id)
             req.events.put_nowait(Event("done", finish_reason=req.finish_reason))
-        else:
+        elif not req.paused:
             await self._send_step(req)
 
     # -- status -------------------------------------------------------------------------
@@ -392,6 +467,8 @@ async def serve(cfg: Config) -> None:
             raise starter.exception()
         await stop.wait()
     finally:
+        engine.state = "stopping"
+        engine.fail_all("the coordinator is shutting down")
         await runner.cleanup()
         await engine.close()
         logger.info("coordinator_stopped")

@@ -23,7 +23,7 @@ import click
 import mlx.core as mx
 import zmq
 
-from . import log, wire
+from . import log, security, wire
 from .checkpoint import CheckpointError, read_config, stage_tensor_names, tensor_index
 from .config import Config, ConfigError, WorkerConfig, load_config
 from .plan import available_memory_bytes
@@ -67,8 +67,10 @@ class LoadSpec:
             raise ValueError("load: start, end, max_requests and max_context must be integers")
         if not all(isinstance(v, str) for v in (spec.next_address, spec.report_address, spec.dtype)):
             raise ValueError("load: next, report and dtype must be strings")
-        if not spec.next_address.startswith("tcp://"):
-            raise ValueError("load: next must be a tcp:// address")
+        if not spec.next_address.startswith("tcp://") or not spec.report_address.startswith("tcp://"):
+            raise ValueError("load: next and report must be tcp:// addresses")
+        if not 0 <= spec.start < spec.end or spec.max_requests < 1 or spec.max_context < 1:
+            raise ValueError("load: needs 0 <= start < end, max_requests >= 1 and max_context >= 1")
         return spec
 
 
@@ -76,13 +78,19 @@ class Worker:
     def __init__(self, cfg: Config, me: WorkerConfig):
         self.cfg = cfg
         self.me = me
+        self.curve = security.Curve.for_daemon(cfg, me.name, peers=(security.COORDINATOR,))
         self.ctx = zmq.Context()
+        if self.curve is not None:
+            self.curve.start(self.ctx)  # before bind: refused peers never reach the sockets
         self.control = self.ctx.socket(zmq.REP)
         self.data = self.ctx.socket(zmq.PULL)
         for s in (self.control, self.data):
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.RCVHWM, DATA_HWM)
             s.setsockopt(zmq.MAXMSGSIZE, wire.DEFAULT_MAX_TENSOR_BYTES + wire.MAX_HEADER_BYTES)
+            if self.curve is not None:
+                self.curve.server(s)
+        self.control.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES)  # commands carry no tensors
         self.control.bind(me.control_address)
         self.data.bind(me.data_address)
         self.next: zmq.Socket | None = None
@@ -96,7 +104,7 @@ class Worker:
         self.progress = {"done_bytes": 0, "total_bytes": 0, "rate_bytes_s": 0.0}
         self.load_thread: threading.Thread | None = None
         self.started = time.time()
-        self.counters = {"bad_messages": 0, "stage_errors": 0, "requests_started": 0, "tokens_sampled": 0}
+        self.counters = {"bad_messages": 0, "stage_errors": 0, "requests_started": 0, "tokens_sampled": 0, "loads": 0}
         self.running = True
 
     # -- lifecycle --------------------------------------------------------------
@@ -105,6 +113,8 @@ class Worker:
         for s in (self.control, self.data, self.next, self.report):
             if s is not None:
                 s.close(linger=0)
+        if self.curve is not None:
+            self.curve.stop()
         self.ctx.term()
 
     def run(self) -> None:
@@ -174,6 +184,9 @@ class Worker:
 
     def cmd_load(self, args: dict) -> dict:
         spec = LoadSpec.from_args(args, self.cfg)
+        if self.curve is not None:  # a missing key refuses the load before anything changes
+            self.curve.server_key_at(spec.next_address)
+            self.curve.server_key_at(spec.report_address)
         same = self.spec is not None and (self.spec.start, self.spec.end) == (spec.start, spec.end)
         if same and self.state in ("loading", "ready"):
             # Idempotent: a repeated load (lost reply, restarted coordinator) keeps the shard.
@@ -185,6 +198,7 @@ class Worker:
         self.spec = spec
         self.state = "loading"
         self.error = None
+        self.counters["loads"] += 1
         self._connect(spec)
         self.load_thread = threading.Thread(target=self._load, args=(spec,), daemon=True)
         self.load_thread.start()
@@ -224,6 +238,8 @@ class Worker:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, DATA_HWM)
             sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+            if self.curve is not None:
+                self.curve.client(sock, security.owner_of(self.cfg, address))
             sock.connect(address)
             self.connected[attr] = address
             setattr(self, attr, sock)
@@ -347,6 +363,9 @@ def main(config_path: str, name: str, verbose: bool) -> None:
     log.configure(f"worker-{name}", cfg.log_dir, verbose=verbose)
     try:
         worker = Worker(cfg, me)
+    except security.SecurityError as e:
+        logger.error("worker_start_failed", error=str(e))
+        raise click.ClickException(f"worker {name}: {e}") from None
     except zmq.ZMQError as e:
         logger.error("worker_start_failed", error=str(e))
         raise click.ClickException(

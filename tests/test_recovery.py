@@ -1,0 +1,169 @@
+"""Failures between the Macs: a killed or hung worker, a restarted coordinator.
+Real processes, real signals; every wait polls a condition with a deadline."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from kimizmq.local import LocalCluster, write_config
+
+PROMPT = [11, 22, 33, 44, 55, 66, 77, 88, 99, 111, 222, 333]
+N_TOKENS = 160
+FAST_LIVENESS = {"heartbeat_interval_s": 0.2, "liveness_timeout_s": 1.0, "prefill_chunk": 4}
+
+
+def sse(base: str, body: dict) -> Iterator[dict]:
+    req = urllib.request.Request(
+        base + "/v1/completions",
+        data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line == "data: [DONE]":
+                return
+            if line.startswith("data: "):
+                yield json.loads(line[6:])
+
+
+def stream_ids(base: str, n: int = N_TOKENS, on_chunk=None) -> tuple[list[int], dict | None]:
+    """Greedy token ids of a streamed completion, and the error event if any."""
+    body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "logprobs": 1, "ignore_eos": True}
+    ids = []
+    for i, chunk in enumerate(sse(base, body)):
+        if "error" in chunk:
+            return ids, chunk["error"]
+        for c in chunk["choices"]:
+            if c.get("logprobs"):
+                ids += c["logprobs"]["token_ids"]
+        if on_chunk is not None:
+            on_chunk(i)
+    return ids, None
+
+
+def wait_for(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def health_status(cluster: LocalCluster) -> str:
+    try:
+        return cluster.health()[1].get("status", "?")
+    except OSError:
+        return "unreachable"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, tmp_path_factory):
+    cfg = write_config(tmp_path_factory.mktemp("recovery") / "kimi.toml", tiny_model, 2, runtime=FAST_LIVENESS)
+    with LocalCluster(cfg) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def undisturbed(cluster):
+    ids, err = stream_ids(cluster.api)
+    assert err is None and len(ids) == N_TOKENS
+    return ids
+
+
+def test_kill_9_worker_mid_stream_then_restart_completes_identically(cluster, undisturbed):
+    victim = cluster.workers["w1"]
+    replays = _events(cluster, "coordinator", "request_replayed")
+
+    def on_chunk(i):
+        if i == 20:
+            victim.send_signal(signal.SIGSTOP)  # freeze it mid-generation, then kill it
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait()
+            wait_for(lambda: health_status(cluster) == "degraded", 6, "the coordinator to notice")
+            cluster.start_worker("w1")
+
+    ids, err = stream_ids(cluster.api, on_chunk=on_chunk)
+    assert err is None
+    assert ids == undisturbed
+    assert _events(cluster, "coordinator", "request_replayed") == replays + 1
+    assert _events(cluster, "worker-w1", "load_started") == 2  # the first load, and the new process reloading
+    wait_for(lambda: health_status(cluster) == "ready", 30, "ready again")
+
+
+def test_sigstop_sigcont_worker_mid_stream_completes_identically(cluster, undisturbed):
+    victim = cluster.workers["w0"]
+    noticed = {}
+
+    def on_chunk(i):
+        if i == 10:
+            t0 = time.monotonic()
+            victim.send_signal(signal.SIGSTOP)
+            wait_for(lambda: health_status(cluster) == "degraded", 6, "the coordinator to notice a hung worker")
+            noticed["s"] = time.monotonic() - t0
+            victim.send_signal(signal.SIGCONT)
+
+    replays = _events(cluster, "coordinator", "request_replayed")
+    ids, err = stream_ids(cluster.api, on_chunk=on_chunk)
+    assert err is None
+    assert ids == undisturbed
+    assert noticed["s"] <= 5.5
+    assert _events(cluster, "coordinator", "request_replayed") == replays + 1
+
+
+def _events(cluster: LocalCluster, daemon: str, event: str) -> int:
+    text = (cluster.log_dir / f"{daemon}.jsonl").read_text()
+    return sum(1 for line in text.splitlines() if json.loads(line)["event"] == event)
+
+
+def _loads(cluster: LocalCluster) -> dict[str, int]:
+    return {name: _events(cluster, f"worker-{name}", "load_started") for name in cluster.workers}
+
+
+def test_restarted_coordinator_adopts_loaded_workers(cluster, undisturbed):
+    before = _loads(cluster)
+    # idle restart
+    cluster._stop(cluster.coordinator)
+    cluster.start_coordinator()
+    cluster.wait_ready(60)
+    assert _loads(cluster) == before, "workers must keep their shards"
+    # restart during a request: the client's stream breaks, the cluster does not
+    def on_chunk(i):
+        if i == 5:
+            cluster._stop(cluster.coordinator)
+
+    got: list[int] = []
+    try:
+        got, _ = stream_ids(cluster.api, on_chunk=on_chunk)
+    except (OSError, http.client.HTTPException):
+        pass
+    assert len(got) < N_TOKENS
+    cluster.start_coordinator()
+    cluster.wait_ready(60)
+    assert _loads(cluster) == before
+    ids, err = stream_ids(cluster.api)
+    assert err is None and ids == undisturbed
+
+
+def test_worker_that_never_comes_back_ends_the_request_with_an_error(tiny_model, tmp_path):
+    cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2, runtime={**FAST_LIVENESS, "recovery_timeout_s": 2.0})
+    with LocalCluster(cfg) as c:
+
+        def on_chunk(i):
+            if i == 3:
+                c.workers["w1"].kill()
+
+        t0 = time.monotonic()
+        ids, err = stream_ids(c.api, on_chunk=on_chunk)
+        assert err is not None and "w1" in err["message"]
+        assert time.monotonic() - t0 < 30
