@@ -6,21 +6,28 @@ GET /metrics. Errors use OpenAI's shape: {"error": {"message", "type", "param", 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, suppress
 from typing import Any
 
 from aiohttp import web
 
-from . import log
+from . import log, metrics
 from .coordinator import Engine, Event, Request, RequestError
+from .plan import GIB
 
 MAX_BODY_BYTES = 4 << 20
 SHUTDOWN_TIMEOUT_S = 2.0  # on SIGTERM, open streams get this long to end
 MAX_STOP_STRINGS = 4
 DEFAULT_MAX_TOKENS = 256
+STATS_TIMEOUT_S = 2.0  # /health and /metrics ask every worker for stats with this timeout
+STATS_BUDGET_S = 2.5  # ... and answer with the last known stats when that takes longer
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 logger = log.get_logger()
 
@@ -102,8 +109,10 @@ def _common(engine: Engine, body: dict) -> dict[str, Any]:
         max_tokens = _integer(body, "max_tokens", None, 1, ctx)
     params = {
         "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
-        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
+        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0),
     }
+    if params["top_p"] == 0.0:  # only the most likely token: greedy
+        params["top_p"], params["temperature"] = 1.0, 0.0
     if (top_k := _integer(body, "top_k", None, 0, 1 << 20)) is not None:
         params["top_k"] = top_k
     if (seed := _integer(body, "seed", None, -(1 << 63), (1 << 64) - 1)) is not None:
@@ -200,11 +209,14 @@ def _usage(req: Request) -> dict:
 
 
 async def _events(engine: Engine, req: Request) -> AsyncIterator[Event]:
+    """The request's events; closing this iterator (a client gone) closes
+    engine.generate at once, which cancels the request on every stage."""
     try:
-        async for ev in engine.generate(req):
-            if ev.kind == "error":
-                raise RequestError(ev.message or "request failed")
-            yield ev
+        async with aclosing(engine.generate(req)) as events:
+            async for ev in events:
+                if ev.kind == "error":
+                    raise RequestError(ev.message or "request failed")
+                yield ev
     except RequestError as e:
         raise ApiError(503 if engine.state != "ready" else 500, str(e)) from None
 
@@ -222,25 +234,37 @@ class Sse:
         await self.resp.write(f"data: {data}\n\n".encode())
 
 
-async def _stream(request: web.Request, engine: Engine, req: Request, opts: dict, chunk) -> web.StreamResponse:
+Chunk = Callable[..., dict | None]
+
+
+async def _stream(request: web.Request, engine: Engine, req: Request, opts: dict, chunk: Chunk) -> web.StreamResponse:
+    """SSE: `chunk` makes each event's object (None: nothing to send); with
+    include_usage every chunk carries "usage": null and a last one the usage."""
     sse = Sse(request)
     gen = _events(engine, req)
+
+    async def send(obj: dict | None) -> None:
+        if obj is not None:
+            if opts["include_usage"]:
+                obj.setdefault("usage", None)
+            await sse.send(obj)
+
     try:
         first = await gen.__anext__()  # errors before the first token still get a proper status
     except StopAsyncIteration:
         first = None
     await sse.start()
     try:
-        await sse.send(chunk(req, None, role=True))
+        await send(chunk(req, None, role=True))
         ev = first
         while ev is not None:
-            await sse.send(chunk(req, ev))
+            await send(chunk(req, ev))
             try:
                 ev = await gen.__anext__()
             except StopAsyncIteration:
                 ev = None
         if opts["include_usage"]:
-            await sse.send(chunk(req, None, usage=True))
+            await send(chunk(req, None, usage=True))
         await sse.send("[DONE]")
     except ApiError as e:
         await sse.send({"error": {"message": e.message, "type": "server_error", "param": None, "code": None}})
@@ -264,7 +288,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     if opts["stream"]:
 
-        def chunk(r: Request, ev: Event | None, role: bool = False, usage: bool = False) -> dict:
+        def chunk(r: Request, ev: Event | None, role: bool = False, usage: bool = False) -> dict | None:
             out = _base(r, "chat.completion.chunk", model, created)
             if usage:
                 out["choices"] = []
@@ -273,8 +297,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 out["choices"] = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
             elif ev.kind == "done":
                 out["choices"] = [{"index": 0, "delta": {}, "finish_reason": ev.finish_reason}]
-            else:
+            elif ev.text:
                 out["choices"] = [{"index": 0, "delta": {"content": ev.text}, "finish_reason": None}]
+            else:
+                return None  # text held back (a possible stop string, an incomplete character)
             return out
 
         return await _stream(request, engine, req, opts, chunk)
@@ -328,15 +354,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if opts["stream"]:
         offset = [0]
 
-        def chunk(r: Request, ev: Event | None, role: bool = False, usage: bool = False) -> dict:
+        def chunk(r: Request, ev: Event | None, role: bool = False, usage: bool = False) -> dict | None:
             out = _base(r, "text_completion", model, created)
             if usage:
                 out["choices"] = []
                 out["usage"] = _usage(r)
                 return out
-            if role:
-                out["choices"] = [{"index": 0, "text": "", "logprobs": None, "finish_reason": None}]
-                return out
+            if role or (ev.kind == "token" and not ev.text and logprobs is None):
+                return None  # no role chunk; nothing to say for a held-back token
             choice = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
             if logprobs is not None and ev.kind == "token":
                 choice["logprobs"] = _logprobs_block(engine, [ev], offset[0])
@@ -371,27 +396,90 @@ async def models(request: web.Request) -> web.Response:
     )
 
 
+async def _workers(app: web.Application) -> dict[str, dict]:
+    """Every worker as the coordinator sees it now: its stats, asked with a
+    bounded wait (the last known ones when it does not answer in time)."""
+    engine: Engine = app["engine"]
+    if engine.state not in ("starting", "stopping"):
+        with suppress(TimeoutError):
+            await asyncio.wait_for(engine.refresh_workers(timeout=STATS_TIMEOUT_S), STATS_BUDGET_S)
+    last: dict[str, dict] = app["last_stats"]
+    out = {}
+    for name, w in engine.worker_state.items():
+        if "tokens_in" in w:  # a stats answer (pings and load polls say less)
+            last[name] = dict(w)
+        up = w.get("up", w.get("state") not in ("unknown", "down"))
+        prev = last.get(name, {})
+        same_process = prev.get("pid") == w.get("pid", prev.get("pid"))
+        out[name] = {**prev, **w, "up": up} if up and same_process else {**w, "up": up}
+    return out
+
+
+def _cluster_state(engine: Engine, workers: dict[str, dict]) -> str:
+    if engine.state == "ready" and not all(w.get("up") and w.get("state") == "ready" for w in workers.values()):
+        return "degraded"
+    return engine.state
+
+
+def _worker_row(app: web.Application, name: str, w: dict) -> dict:
+    engine: Engine = app["engine"]
+    cfg = engine.workers[name]
+    stage = next((s for s in engine.plan.stages if s.worker == name), None)
+    rate = None
+    if w.get("up") and "tokens_in" in w:
+        rate = app["rates"].rate(f"worker:{name}:{w.get('pid')}", w["tokens_in"])
+    return {
+        "state": w.get("state", "unknown") if w.get("up") or w.get("state") == "unknown" else "down",
+        "up": bool(w.get("up")),
+        "address": cfg.control_address,
+        "data_address": cfg.data_address,
+        "layers": w.get("layers") or ([stage.start, stage.end] if stage else None),
+        "progress": w.get("progress"),
+        "error": w.get("error"),
+        "requests": w.get("requests"),
+        "memory_bytes": w.get("memory_bytes"),
+        "memory_total_bytes": int(cfg.memory_gb * GIB),
+        "tokens_per_s": rate,
+        "last_seen": w.get("last_seen"),
+        "pid": w.get("pid"),
+    }
+
+
 async def health(request: web.Request) -> web.Response:
-    engine: Engine = request.app["engine"]
-    workers = await engine.refresh_workers() if engine.state != "starting" else engine.worker_state
-    state = engine.state
-    if state == "ready" and not all(w.get("up") and w.get("state") == "ready" for w in workers.values()):
-        state = "degraded"
+    """ready (200), or starting / loading / degraded / failed (503), with
+    every worker's state: what `kimi status` shows."""
+    app = request.app
+    engine: Engine = app["engine"]
+    workers = await _workers(app)
+    state = _cluster_state(engine, workers)
+    host = engine.cfg.coordinator.host
     body = {
         "status": state,
         "model": engine.cfg.model_name,
         "requests_in_flight": len(engine.requests),
         "queue_depth": engine.waiting,
-        "stages": [{"worker": s.worker, "start": s.start, "end": s.end} for s in engine.plan.stages],
-        "workers": {
-            n: {
-                k: w.get(k)
-                for k in ("state", "up", "layers", "progress", "error", "requests", "memory_bytes", "last_seen")
-            }
-            for n, w in workers.items()
+        "coordinator": {
+            "state": state,
+            "address": f"{host}:{engine.cfg.coordinator.api_port}",
+            "pid": os.getpid(),
+            "uptime_s": time.monotonic() - app["started"],
+            "requests_total": engine.metrics["requests_total"],
+            "tokens_generated": engine.metrics["tokens_generated"],
+            "tokens_per_s": app["rates"].rate("coordinator", engine.metrics["tokens_generated"]),
+            "time_to_first_token_mean_s": engine.latency["ttft_s"].mean(),
+            "inter_token_latency_mean_s": engine.latency["itl_s"].mean(),
         },
+        "stages": [{"worker": s.worker, "start": s.start, "end": s.end} for s in engine.plan.stages],
+        "workers": {n: _worker_row(app, n, w) for n, w in workers.items()},
     }
     return web.json_response(body, status=200 if state == "ready" else 503)
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    engine: Engine = request.app["engine"]
+    workers = await _workers(request.app)
+    text = metrics.render(engine, _cluster_state(engine, workers), workers)
+    return web.Response(body=text.encode(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
 
 @web.middleware
@@ -417,15 +505,21 @@ async def errors(request: web.Request, handler):
 def make_app(engine: Engine) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors])
     app["engine"] = engine
+    app["started"] = time.monotonic()
+    app["rates"] = metrics.RateMeter()
+    app["last_stats"] = {}
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", prometheus)
     return app
 
 
 async def run_api(engine: Engine) -> web.AppRunner:
-    runner = web.AppRunner(make_app(engine), handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    runner = web.AppRunner(
+        make_app(engine), handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+    )
     await runner.setup()
     site = web.TCPSite(runner, engine.cfg.coordinator.host, engine.cfg.coordinator.api_port)
     await site.start()

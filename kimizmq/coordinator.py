@@ -28,6 +28,7 @@ import zmq.asyncio
 from . import log, security, wire
 from .config import Config, ConfigError, load_config
 from .control import ControlClient, ControlError, ControlTimeout
+from .metrics import ITL_BUCKETS_S, TTFT_BUCKETS_S, Histogram
 from .plan import Plan, PlanError, make_plan
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -120,7 +121,7 @@ class Engine:
         self.pull: zmq.asyncio.Socket | None = None
         self.tasks: list[asyncio.Task] = []
         self.metrics = {"requests_total": 0, "requests_failed": 0, "tokens_generated": 0, "prompt_tokens": 0}
-        self.latency: dict[str, list[float]] = {"ttft_s": [], "itl_s": []}
+        self.latency = {"ttft_s": Histogram(TTFT_BUCKETS_S), "itl_s": Histogram(ITL_BUCKETS_S)}
 
     # -- start and stop -------------------------------------------------------------
 
@@ -188,7 +189,7 @@ class Engine:
                     h = await self.control[name].call("health", timeout=LOAD_CALL_TIMEOUT_S)
                 except ControlTimeout:
                     continue
-                self.worker_state[name] = h
+                self.worker_state[name] = {**h, "up": True, "last_seen": time.time()}
                 if h["state"] == "ready":
                     pending.pop(name)
                     logger.info("worker_ready", worker=name, layers=h.get("layers"))
@@ -226,7 +227,7 @@ class Engine:
         rt = self.cfg.runtime
         while True:
             await asyncio.sleep(rt.heartbeat_interval_s)
-            await self.refresh_workers(timeout=rt.liveness_timeout_s, cmd="ping")
+            await self.refresh_workers(timeout=rt.liveness_timeout_s)
             bad = {n: w for n, w in self.worker_state.items() if not w.get("up") or w.get("state") != "ready"}
             if not bad:
                 if self.state == "degraded":
@@ -392,9 +393,9 @@ class Engine:
         now = time.monotonic()
         if req.first_token_at is None:
             req.first_token_at = now
-            self.latency["ttft_s"].append(now - req.submitted)
+            self.latency["ttft_s"].observe(now - req.submitted)
         else:
-            self.latency["itl_s"].append(now - req.last_token_at)
+            self.latency["itl_s"].observe(now - req.last_token_at)
         req.last_token_at = now
         token = h["token"]
         self.metrics["tokens_generated"] += 1

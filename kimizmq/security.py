@@ -89,7 +89,8 @@ def create_keys(cfg: Config, name: str, *, force: bool = False) -> tuple[Path, P
                     f"{p} already exists; pass --force to replace it "
                     "(then copy the new public key to every machine again)"
                 )
-    public.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secret.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    public.parent.mkdir(exist_ok=True)
     secret.unlink(missing_ok=True)
     # Made 0600 before any key is written into it; pyzmq's writer keeps the mode.
     os.close(os.open(secret, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -181,13 +182,13 @@ class Curve:
     def callback(self, domain: str, key: bytes) -> bool:
         """ZAP: may the client with this (Z85) public key connect?"""
         with self._lock:
+            # Read at every handshake: a key copied in or removed counts without a restart.
+            try:
+                self.allowed = load_public_keys(self.public_dir)
+            except SecurityError as e:
+                self.allowed = {}
+                logger.error("allow_list_unreadable", error=str(e), **self._log_context)
             name = self.allowed.get(key)
-            if name is None:  # a key copied in since start counts without a restart
-                try:
-                    self.allowed = load_public_keys(self.public_dir)
-                except SecurityError as e:
-                    logger.error("allow_list_unreadable", error=str(e), **self._log_context)
-                name = self.allowed.get(key)
             if name is not None:
                 logger.info("curve_peer_allowed", peer=name, **self._log_context)
                 return True
