@@ -63,12 +63,12 @@ class ControlClient:
                 header["args"] = args
             sock = self._socket()
             try:
-                await sock.send_multipart(wire.encode("command", header))
-                while True:
-                    frames = await asyncio.wait_for(sock.recv_multipart(), timeout)
-                    msg = wire.decode(frames)
-                    if msg.kind == "reply" and msg.header["id"] in (cid, ""):
-                        break
+                async with asyncio.timeout(timeout):  # the send too: a REQ with no peer blocks
+                    await sock.send_multipart(wire.encode("command", header))
+                    while True:
+                        msg = wire.decode(await sock.recv_multipart())
+                        if msg.kind == "reply" and msg.header["id"] in (cid, ""):
+                            break
             except TimeoutError:
                 self._reset()
                 raise ControlTimeout(

@@ -120,7 +120,13 @@ class Engine:
         self.push: zmq.asyncio.Socket | None = None
         self.pull: zmq.asyncio.Socket | None = None
         self.tasks: list[asyncio.Task] = []
-        self.metrics = {"requests_total": 0, "requests_failed": 0, "tokens_generated": 0, "prompt_tokens": 0}
+        self.metrics = {
+            "requests_total": 0,
+            "requests_failed": 0,
+            "tokens_generated": 0,
+            "prompt_tokens": 0,
+            "bad_messages": 0,
+        }
         self.latency = {"ttft_s": Histogram(TTFT_BUCKETS_S), "itl_s": Histogram(ITL_BUCKETS_S)}
 
     # -- start and stop -------------------------------------------------------------
@@ -137,7 +143,13 @@ class Engine:
             self.curve.start(self.ctx)  # before bind: refused peers never reach the socket
             self.curve.server(self.pull)
             self.curve.client(self.push, first.name)
-        self.pull.bind(self.cfg.coordinator.result_address)
+        try:
+            self.pull.bind(self.cfg.coordinator.result_address)
+        except zmq.ZMQError as e:
+            raise OSError(
+                f"cannot bind the result socket {self.cfg.coordinator.result_address} ([coordinator] host and "
+                f"result_port in {self.cfg.path}): {e}; is another coordinator running?"
+            ) from None
         self.push.connect(first.data_address)
 
     def load_args(self, i: int) -> dict:
@@ -224,34 +236,40 @@ class Engine:
         ping within the timeout is down, whatever TCP thinks of it. In-flight
         requests wait for it; when it is back (reloaded if it restarted), they
         are replayed. Past the recovery deadline they fail with a clear error."""
-        rt = self.cfg.runtime
         while True:
-            await asyncio.sleep(rt.heartbeat_interval_s)
-            await self.refresh_workers(timeout=rt.liveness_timeout_s)
-            bad = {n: w for n, w in self.worker_state.items() if not w.get("up") or w.get("state") != "ready"}
-            if not bad:
-                if self.state == "degraded":
-                    await self._recover()
-                continue
-            now = time.monotonic()
-            if self.state == "ready":
-                self.state = "degraded"
-                self.down_since = now
-                for req in self.requests.values():
-                    req.paused = True
-                logger.error("workers_down", workers={n: w.get("state") for n, w in bad.items()})
-            for i, stage in enumerate(self.plan.stages):
-                w = bad.get(stage.worker)
-                if w and w.get("up") and w.get("state") in ("idle", "error"):
-                    logger.warning("worker_reload", worker=stage.worker, was=w.get("state"))
-                    try:
-                        await self.control[stage.worker].call("load", self.load_args(i), LOAD_CALL_TIMEOUT_S)
-                    except (ControlError, ControlTimeout) as e:
-                        logger.error("worker_reload_failed", worker=stage.worker, error=str(e))
-            if self.down_since is not None and now - self.down_since > rt.recovery_timeout_s and self.requests:
-                self.fail_all(
-                    f"worker {', '.join(bad)} did not come back within {rt.recovery_timeout_s:g} s; the request cannot finish"
-                )
+            await asyncio.sleep(self.cfg.runtime.heartbeat_interval_s)
+            try:
+                await self._watch_once()
+            except Exception:  # noqa: BLE001 - liveness must outlive any one bad round
+                logger.exception("watch_failed")
+
+    async def _watch_once(self) -> None:
+        rt = self.cfg.runtime
+        await self.refresh_workers(timeout=rt.liveness_timeout_s)
+        bad = {n: w for n, w in self.worker_state.items() if not w.get("up") or w.get("state") != "ready"}
+        if not bad:
+            if self.state == "degraded":
+                await self._recover()
+            return
+        now = time.monotonic()
+        if self.state == "ready":
+            self.state = "degraded"
+            self.down_since = now
+            for req in self.requests.values():
+                req.paused = True
+            logger.error("workers_down", workers={n: w.get("state") for n, w in bad.items()})
+        for i, stage in enumerate(self.plan.stages):
+            w = bad.get(stage.worker)
+            if w and w.get("up") and w.get("state") in ("idle", "error"):
+                logger.warning("worker_reload", worker=stage.worker, was=w.get("state"))
+                try:
+                    await self.control[stage.worker].call("load", self.load_args(i), LOAD_CALL_TIMEOUT_S)
+                except (ControlError, ControlTimeout) as e:
+                    logger.error("worker_reload_failed", worker=stage.worker, error=str(e))
+        if self.down_since is not None and now - self.down_since > rt.recovery_timeout_s and self.requests:
+            self.fail_all(
+                f"worker {', '.join(bad)} did not come back within {rt.recovery_timeout_s:g} s; the request cannot finish"
+            )
 
     async def _recover(self) -> None:
         """Every stage is back: drop what the stages hold of in-flight requests
@@ -371,12 +389,18 @@ class Engine:
             frames = await self.pull.recv_multipart()
             try:
                 msg = wire.decode(frames)
+                if msg.kind not in ("token", "error"):
+                    raise wire.WireError(f"the result socket takes token and error messages, got {msg.kind}")
+                if msg.kind == "token":
+                    wire.check_token(msg.header, self.tokenizer.vocab_size)
             except wire.WireError as e:
+                self.metrics["bad_messages"] += 1
                 logger.warning("bad_result_message", error=str(e))
                 continue
-            req = self.requests.get(msg.header.get("req", ""))
-            if req is None:
-                continue  # a request already finished or cancelled
+            req = self.requests.get(msg.header["req"])
+            if req is None:  # a request already finished or cancelled, or a stranger's id
+                logger.info("result_for_unknown_request", wire_id=msg.header["req"], kind=msg.kind)
+                continue
             if msg.kind == "token" and msg.header["seq"] == req.seq:
                 await self._on_token(req, msg.header)
             elif msg.kind == "error" and req.paused:

@@ -144,6 +144,7 @@ class Worker:
         cmd, cid, args = msg.header["cmd"], msg.header["id"], msg.header.get("args") or {}
         handler = getattr(self, f"cmd_{cmd}", None)
         if handler is None:
+            logger.warning("unknown_command", cmd=cmd)
             return wire.encode("reply", {"id": cid, "ok": False, "error": f"unknown command {cmd!r}"})
         try:
             result = handler(args)
