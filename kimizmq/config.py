@@ -69,6 +69,7 @@ class RuntimeConfig:
     prefill_chunk: int = 256
     max_context: int = 8192
     max_concurrent: int = 16
+    max_queue: int = 64  # requests waiting for a slot; beyond that the API answers 429
     load_timeout_s: float = 1800.0
     heartbeat_interval_s: float = 1.0
     liveness_timeout_s: float = 4.0  # + one heartbeat interval: a dead or hung worker is noticed within 5 s

@@ -43,6 +43,10 @@ class RequestError(RuntimeError):
     """A request that failed in the cluster; the message is for the client."""
 
 
+class QueueFull(RequestError):
+    """More requests waiting than the queue holds: the client should retry later."""
+
+
 @dataclass
 class Event:
     """What a request produces: text deltas, then one final event."""
@@ -332,6 +336,10 @@ class Engine:
             raise RequestError(
                 f"prompt ({len(req.prompt)} tokens) plus max_tokens ({req.max_tokens}) "
                 f"exceeds the context length {self.cfg.runtime.max_context}"
+            )
+        if self.waiting >= self.cfg.runtime.max_queue:
+            raise QueueFull(
+                f"{self.waiting} requests are already waiting for one of {self.cfg.runtime.max_concurrent} slots; retry later"
             )
         self.waiting += 1
         try:

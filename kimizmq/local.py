@@ -84,7 +84,9 @@ def write_config(
 
 
 def _cmd(module: str) -> list[str]:
-    return [sys.executable, "-m", f"kimizmq.{module}"]
+    # Not `-m kimizmq.X`: that would load the daemon's module twice (as
+    # __main__ and as kimizmq.X), with two copies of every exception class.
+    return [sys.executable, "-c", f"from kimizmq.{module} import main; main()"]
 
 
 class LocalCluster:
