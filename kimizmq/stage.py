@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from .shard import Shard
@@ -80,7 +81,8 @@ def _step_key(seed: int, position: int) -> mx.array:
     return mx.random.key(((seed & _MASK64) ^ (position * 0x9E3779B97F4A7C15)) & _MASK64)
 
 
-def sample(logits: mx.array, params: SamplingParams, position: int) -> ForwardResult:
+def _sample_lazy(logits: mx.array, params: SamplingParams, position: int) -> list[mx.array]:
+    """[token, its logprob, (top ids, top logprobs)] for one (1, V) row, not yet evaluated."""
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     if params.temperature == 0:
         token = mx.argmax(logprobs, axis=-1)
@@ -93,18 +95,36 @@ def sample(logits: mx.array, params: SamplingParams, position: int) -> ForwardRe
         if params.top_k > 0:
             filtered = apply_top_k(filtered, params.top_k)
         token = mx.random.categorical(filtered * (1 / params.temperature), key=_step_key(params.seed, position))
-    chosen = mx.take_along_axis(logprobs, token[:, None], axis=-1)
-    outputs = [token, chosen]
+    outputs = [token, mx.take_along_axis(logprobs, token[:, None], axis=-1)]
     if params.logprobs:
         top_ids = mx.argpartition(-logprobs, params.logprobs - 1, axis=-1)[:, : params.logprobs]
-        top_vals = mx.take_along_axis(logprobs, top_ids, axis=-1)
-        outputs += [top_ids, top_vals]
-    mx.eval(*outputs)
-    result = ForwardResult(token=int(token.item()), logprob=float(chosen.item()))
-    if params.logprobs:
-        pairs = sorted(zip(top_ids[0].tolist(), top_vals[0].tolist()), key=lambda p: -p[1])
+        outputs += [top_ids, mx.take_along_axis(logprobs, top_ids, axis=-1)]
+    return outputs
+
+
+def _sampled(outputs: list[mx.array]) -> ForwardResult:
+    result = ForwardResult(token=int(outputs[0].item()), logprob=float(outputs[1].item()))
+    if len(outputs) > 2:
+        pairs = sorted(zip(outputs[2][0].tolist(), outputs[3][0].tolist()), key=lambda p: -p[1])
         result.top_logprobs = [[int(i), float(v)] for i, v in pairs]
     return result
+
+
+def sample(logits: mx.array, params: SamplingParams, position: int) -> ForwardResult:
+    outputs = _sample_lazy(logits, params, position)
+    mx.eval(*outputs)
+    return _sampled(outputs)
+
+
+@dataclass
+class Step:
+    """One forward message for this stage."""
+
+    req: str
+    offset: int
+    x: mx.array
+    sample: bool
+    params: dict
 
 
 class Stage:
@@ -116,7 +136,9 @@ class Stage:
         self.max_context = max_context
         self.requests: dict[str, RequestState] = {}
         self.compute_s = 0.0
-        self.forwards = 0
+        self.forwards = 0  # forward passes, a batched one counting once
+        self.batched_forwards = 0
+        self.batched_steps = 0  # requests served by batched passes
         self.tokens_in = 0
 
     def check_input(self, x: mx.array) -> None:
@@ -136,35 +158,95 @@ class Stage:
         if x.shape[1] == 0:
             raise StageError("empty chunk")
 
-    def forward(self, req: str, offset: int, x: mx.array, *, sample_last: bool, params: dict) -> ForwardResult:
-        self.check_input(x)
-        state = self.requests.get(req)
+    def _admit(self, step: Step) -> RequestState:
+        """Check a step against the request's state; a first chunk opens the request."""
+        self.check_input(step.x)
+        state = self.requests.get(step.req)
         if state is None:
-            if offset != 0:
-                raise StageError(f"unknown request {req} at offset {offset} (released or never started)")
+            if step.offset != 0:
+                raise StageError(f"unknown request {step.req} at offset {step.offset} (released or never started)")
             if len(self.requests) >= self.max_requests:
                 raise StageError(f"stage is full: {self.max_requests} requests in flight")
-            state = RequestState(self.shard.make_cache(), SamplingParams.from_dict(params))
-            self.requests[req] = state
-        elif offset != state.offset:
-            raise StageError(f"request {req}: chunk at offset {offset}, expected {state.offset}")
-        length = x.shape[1]
-        if offset + length > self.max_context:
-            raise StageError(f"request {req}: {offset + length} tokens exceed max_context {self.max_context}")
+            state = RequestState(self.shard.make_cache(), SamplingParams.from_dict(step.params))
+            self.requests[step.req] = state
+        elif step.offset != state.offset:
+            raise StageError(f"request {step.req}: chunk at offset {step.offset}, expected {state.offset}")
+        if step.offset + step.x.shape[1] > self.max_context:
+            raise StageError(f"request {step.req}: {step.offset + step.x.shape[1]} tokens exceed max_context {self.max_context}")
+        return state
 
-        t0 = time.perf_counter()
-        out = self.shard(x, state.cache, head=sample_last)
-        if self.shard.last and sample_last:
-            result = sample(out[:, -1, :], state.params, offset + length)
-        else:
-            mx.eval(out)  # also settles this chunk's cache updates
-            result = ForwardResult(activations=None if self.shard.last else out)
+    def _done(self, state: RequestState, length: int, t0: float) -> None:
         self.compute_s += time.perf_counter() - t0
-        self.forwards += 1
         self.tokens_in += length
         state.offset += length
         state.last_used = time.monotonic()
+
+    def forward(self, step: Step) -> ForwardResult:
+        state = self._admit(step)
+        length = step.x.shape[1]
+        t0 = time.perf_counter()
+        out = self.shard(step.x, state.cache, head=step.sample)
+        if self.shard.last and step.sample:
+            result = sample(out[:, -1, :], state.params, step.offset + length)
+        else:
+            mx.eval(out)  # also settles this chunk's cache updates
+            result = ForwardResult(activations=None if self.shard.last else out)
+        self.forwards += 1
+        self._done(state, length, t0)
         return result
+
+    def forward_many(self, steps: list[Step]) -> list[ForwardResult | StageError]:
+        """Steps of distinct requests that met at this stage. Single-token
+        decode steps of open requests run as one batched forward pass over a
+        batched KV cache; everything else runs on its own."""
+        results: list[ForwardResult | StageError | None] = [None] * len(steps)
+        batch: list[tuple[int, RequestState]] = []
+        for i, step in enumerate(steps):
+            state = self.requests.get(step.req)
+            if state is not None and step.x.shape[1] == 1 and (step.sample or not self.shard.last):
+                try:
+                    batch.append((i, self._admit(step)))
+                except StageError as e:
+                    results[i] = e
+                continue
+            try:
+                results[i] = self.forward(step)
+            except StageError as e:
+                results[i] = e
+        if len(batch) == 1:
+            i, _ = batch[0]
+            results[i] = self.forward(steps[i])
+        elif batch:
+            for (i, _), r in zip(batch, self._forward_batch([steps[i] for i, _ in batch], [s for _, s in batch])):
+                results[i] = r
+        return results
+
+    def _forward_batch(self, steps: list[Step], states: list[RequestState]) -> list[ForwardResult]:
+        t0 = time.perf_counter()
+        n_layers = len(states[0].cache)
+        caches = [BatchKVCache.merge([s.cache[j] for s in states]) for j in range(n_layers)]
+        x = mx.concatenate([s.x for s in steps], axis=0)
+        out = self.shard(x, caches, head=True)
+        if self.shard.last:
+            lazy = [
+                _sample_lazy(out[b : b + 1, -1, :], st.params, step.offset + 1)
+                for b, (step, st) in enumerate(zip(steps, states))
+            ]
+            mx.eval(lazy)
+            results = [_sampled(o) for o in lazy]
+        else:
+            mx.eval(out)
+            results = [ForwardResult(activations=out[b : b + 1]) for b in range(len(steps))]
+        for b, st in enumerate(states):
+            st.cache = [c.extract(b) for c in caches]
+        mx.eval([[c.keys, c.values] for st in states for c in st.cache])
+        self.forwards += 1
+        self.batched_forwards += 1
+        self.batched_steps += len(steps)
+        for st in states:
+            self._done(st, 1, t0)
+            t0 = time.perf_counter()  # count the pass's time once
+        return results
 
     def release(self, req: str) -> bool:
         return self.requests.pop(req, None) is not None

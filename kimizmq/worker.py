@@ -28,9 +28,10 @@ from .checkpoint import CheckpointError, read_config, stage_tensor_names, tensor
 from .config import Config, ConfigError, WorkerConfig, load_config
 from .plan import available_memory_bytes
 from .shard import ShardError, load_shard
-from .stage import Stage, StageError
+from .stage import Stage, StageError, Step
 
 POLL_MS = 100
+MAX_BATCH = 16  # data messages taken per loop round
 SEND_TIMEOUT_MS = 5000
 DATA_HWM = 64
 LOAD_MARGIN_BYTES = 1 << 30  # beyond the shard's own bytes, to not swap
@@ -127,8 +128,19 @@ class Worker:
             if self.control in events:
                 self.control.send_multipart(self.handle_command(self.control.recv_multipart(copy=False)))
             if self.data in events:
-                self.handle_data(self.data.recv_multipart(copy=False))
+                self.handle_data(*self._drain())
         logger.info("worker_stopped")
+
+    def _drain(self) -> list:
+        """What is waiting on the data socket, up to MAX_BATCH messages: decode
+        steps of different requests that arrive together run as one batch."""
+        batch = [self.data.recv_multipart(copy=False)]
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(self.data.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        return batch
 
     # -- control ------------------------------------------------------------------
 
@@ -177,6 +189,8 @@ class Worker:
             forwards=stage.forwards if stage else 0,
             tokens_in=stage.tokens_in if stage else 0,
             compute_s=stage.compute_s if stage else 0.0,
+            batched_forwards=stage.batched_forwards if stage else 0,
+            batched_steps=stage.batched_steps if stage else 0,
             cache_bytes=stage.cache_bytes() if stage else 0,
             weight_bytes=stage.shard.nbytes if stage else 0,
             peak_memory_bytes=mx.get_peak_memory(),
@@ -292,62 +306,78 @@ class Worker:
         logger.warning("stage_error", error=message)
         self._send(self.report, wire.encode("error", {"req": req, "message": f"{self.me.name}: {message}"}), "report")
 
-    def handle_data(self, frames) -> None:
-        try:
-            msg = wire.decode(frames)
-        except wire.WireError as e:
-            self.counters["bad_messages"] += 1
-            logger.warning("bad_data_message", error=str(e))
-            return
-        req = msg.header.get("req", "")
-        log.bind_request(req)
-        try:
+    def handle_data(self, *batch) -> None:
+        """Run data messages in arrival order; consecutive forwards of distinct
+        requests go to the stage together."""
+        group: list[wire.Message] = []
+        for frames in batch:
+            try:
+                msg = wire.decode(frames)
+            except wire.WireError as e:
+                self.counters["bad_messages"] += 1
+                logger.warning("bad_data_message", error=str(e))
+                continue
+            if msg.kind == "forward" and all(m.header["req"] != msg.header["req"] for m in group):
+                group.append(msg)
+                continue
+            self._forward(group)
+            group = []
             if msg.kind == "forward":
-                self._forward(msg)
+                group.append(msg)
             elif msg.kind == "release":
-                released = self.stage.release(req) if self.stage else False
-                logger.info("request_released", had_cache=released)
-                if self.spec and self.spec.end < self._n_layers():
-                    self._send(self.next, wire.encode("release", {"req": req}), "next")
+                self._release(msg.header["req"])
             else:
                 self.counters["bad_messages"] += 1
                 logger.warning("bad_data_message", error=f"unexpected kind {msg.kind} on the data socket")
-        finally:
-            log.bind_request(None)
+        self._forward(group)
+
+    def _release(self, req: str) -> None:
+        log.bind_request(req)
+        released = self.stage.release(req) if self.stage else False
+        logger.info("request_released", had_cache=released)
+        if self.spec and self.spec.end < self._n_layers():
+            self._send(self.next, wire.encode("release", {"req": req}), "next")
+        log.bind_request(None)
 
     def _n_layers(self) -> int:
         return self.stage.shard.config["num_hidden_layers"] if self.stage else 0
 
-    def _forward(self, msg: wire.Message) -> None:
-        h = msg.header
-        req = h["req"]
+    def _forward(self, msgs: list[wire.Message]) -> None:
+        if not msgs:
+            return
         stage = self.stage
         if self.state != "ready" or stage is None:
-            self._report_error(req, f"not ready (state {self.state})")
+            for m in msgs:
+                self._report_error(m.header["req"], f"not ready (state {self.state})")
             return
-        if h["offset"] == 0 and req not in stage.requests:
-            self.counters["requests_started"] += 1
-            logger.info("request_started", tokens=msg.tensors[0].shape[1] if msg.tensors else 0)
+        steps = []
+        for m in msgs:
+            h = m.header
+            if h["offset"] == 0 and h["req"] not in stage.requests:
+                self.counters["requests_started"] += 1
+                logger.info("request_started", request_id=h["req"], tokens=m.tensors[0].shape[-2] if m.tensors[0].ndim > 1 else 0)
+            steps.append(Step(h["req"], h["offset"], m.tensors[0], h["sample"], h["params"]))
         try:
-            result = stage.forward(req, h["offset"], msg.tensors[0], sample_last=h["sample"], params=h["params"])
-        except StageError as e:
-            stage.release(req)
-            self._report_error(req, str(e))
-            return
+            results = stage.forward_many(steps)
         except Exception as e:  # noqa: BLE001 - a failed forward must not take the daemon down
             logger.exception("forward_failed")
-            stage.release(req)
-            self._report_error(req, f"forward failed: {type(e).__name__}: {e}")
-            return
-        if result.activations is not None:
-            header = {k: h[k] for k in ("req", "seq", "offset", "sample", "params")}
-            self._send(self.next, wire.encode("forward", header, [result.activations]), "next")
-        elif result.token is not None:
-            self.counters["tokens_sampled"] += 1
-            out = {"req": req, "seq": h["seq"], "token": result.token, "logprob": result.logprob}
-            if result.top_logprobs is not None:
-                out["top_logprobs"] = result.top_logprobs
-            self._send(self.next, wire.encode("token", out), "coordinator")
+            results = [StageError(f"forward failed: {type(e).__name__}: {e}")] * len(steps)
+        for m, result in zip(msgs, results):
+            h = m.header
+            if isinstance(result, StageError):
+                stage.release(h["req"])
+                log.bind_request(h["req"])
+                self._report_error(h["req"], str(result))
+                log.bind_request(None)
+            elif result.activations is not None:
+                header = {k: h[k] for k in ("req", "seq", "offset", "sample", "params")}
+                self._send(self.next, wire.encode("forward", header, [result.activations]), "next")
+            elif result.token is not None:
+                self.counters["tokens_sampled"] += 1
+                out = {"req": h["req"], "seq": h["seq"], "token": result.token, "logprob": result.logprob}
+                if result.top_logprobs is not None:
+                    out["top_logprobs"] = result.top_logprobs
+                self._send(self.next, wire.encode("token", out), "coordinator")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
