@@ -171,6 +171,7 @@ class Engine:
             "dtype": self.cfg.runtime.dtype,
             "max_requests": self.cfg.runtime.max_concurrent,
             "max_context": self.cfg.runtime.max_context,
+            "reserve_bytes": stages[i].reserved_bytes,  # the plan's KV caches + margin
         }
 
     async def load_all(self) -> None:

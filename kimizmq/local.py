@@ -45,6 +45,7 @@ def write_config(
     layers: list[tuple[int, int]] | None = None,
     model_name: str = "kimi-k2-tiny",
     runtime: dict | None = None,
+    memory_gb: float = 16,
     extra: str = "",
 ) -> Path:
     """A loopback cluster config with fresh free ports."""
@@ -72,7 +73,7 @@ def write_config(
             "[[workers]]",
             f'name = "w{i}"',
             'host = "127.0.0.1"',
-            "memory_gb = 16",
+            f"memory_gb = {memory_gb}",
             f"control_port = {ports[2 + 2 * i]}",
             f"data_port = {ports[3 + 2 * i]}",
         ]

@@ -172,7 +172,9 @@ class Stage:
         elif step.offset != state.offset:
             raise StageError(f"request {step.req}: chunk at offset {step.offset}, expected {state.offset}")
         if step.offset + step.x.shape[1] > self.max_context:
-            raise StageError(f"request {step.req}: {step.offset + step.x.shape[1]} tokens exceed max_context {self.max_context}")
+            raise StageError(
+                f"request {step.req}: {step.offset + step.x.shape[1]} tokens exceed max_context {self.max_context}"
+            )
         return state
 
     def _done(self, state: RequestState, length: int, t0: float) -> None:

@@ -34,7 +34,7 @@ POLL_MS = 100
 MAX_BATCH = 16  # data messages taken per loop round
 SEND_TIMEOUT_MS = 5000
 DATA_HWM = 64
-LOAD_MARGIN_BYTES = 1 << 30  # beyond the shard's own bytes, to not swap
+LOAD_MARGIN_BYTES = 1 << 30  # beyond the shard's own bytes when the load names no reserve
 
 logger = log.get_logger()
 
@@ -48,6 +48,7 @@ class LoadSpec:
     dtype: str
     max_requests: int
     max_context: int
+    reserve_bytes: int
 
     @classmethod
     def from_args(cls, args: dict, cfg: Config) -> LoadSpec:
@@ -60,10 +61,11 @@ class LoadSpec:
                 dtype=args.get("dtype", cfg.runtime.dtype),
                 max_requests=args.get("max_requests", cfg.runtime.max_concurrent),
                 max_context=args.get("max_context", cfg.runtime.max_context),
+                reserve_bytes=args.get("reserve_bytes", LOAD_MARGIN_BYTES),
             )
         except KeyError as e:
             raise ValueError(f"load needs {e.args[0]!r}") from None
-        ints = (spec.start, spec.end, spec.max_requests, spec.max_context)
+        ints = (spec.start, spec.end, spec.max_requests, spec.max_context, spec.reserve_bytes)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
             raise ValueError("load: start, end, max_requests and max_context must be integers")
         if not all(isinstance(v, str) for v in (spec.next_address, spec.report_address, spec.dtype)):
@@ -266,7 +268,7 @@ class Worker:
             index = tensor_index(model_dir)
             n_layers = read_config(model_dir)["num_hidden_layers"]
             names = stage_tensor_names(index, spec.start, spec.end, first=spec.start == 0, last=spec.end == n_layers)
-            need = sum(index[n].nbytes for n in names) + LOAD_MARGIN_BYTES
+            need = sum(index[n].nbytes for n in names) + spec.reserve_bytes
             free = available_memory_bytes()
             if need > free:
                 raise ShardError(
@@ -274,7 +276,7 @@ class Worker:
                     f"need {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free; close other programs or move layers"
                 )
             logger.info(
-                "load_started", start=spec.start, end=spec.end, bytes=need - LOAD_MARGIN_BYTES, model=str(model_dir)
+                "load_started", start=spec.start, end=spec.end, bytes=need - spec.reserve_bytes, model=str(model_dir)
             )
 
             def progress(done: int, total: int) -> None:
@@ -355,7 +357,11 @@ class Worker:
             h = m.header
             if h["offset"] == 0 and h["req"] not in stage.requests:
                 self.counters["requests_started"] += 1
-                logger.info("request_started", request_id=h["req"], tokens=m.tensors[0].shape[-2] if m.tensors[0].ndim > 1 else 0)
+                logger.info(
+                    "request_started",
+                    request_id=h["req"],
+                    tokens=m.tensors[0].shape[-2] if m.tensors[0].ndim > 1 else 0,
+                )
             steps.append(Step(h["req"], h["offset"], m.tensors[0], h["sample"], h["params"]))
         try:
             results = stage.forward_many(steps)

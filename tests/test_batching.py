@@ -18,7 +18,9 @@ PROMPTS = [[7 + i, 100 + 3 * i, 5, 64 + i, 9] + [200 + i] * (i % 4) for i in ran
 
 def greedy(base: str, prompt: list[int]) -> list[int]:
     body = {"prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0, "logprobs": 1, "ignore_eos": True}
-    req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        base + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())["choices"][0]["logprobs"]["token_ids"]
 

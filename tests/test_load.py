@@ -19,7 +19,9 @@ REQUEST_TIMEOUT_S = 60.0
 
 def one_request(base: str, i: int) -> tuple[int, dict]:
     body = {"prompt": [1 + i % 50, 2, 3, 4, 5], "max_tokens": 8 + i % 8, "temperature": 0, "ignore_eos": True}
-    req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        base + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
             return r.status, json.loads(r.read())

@@ -137,6 +137,7 @@ def test_restarted_coordinator_adopts_loaded_workers(cluster, undisturbed):
     cluster.start_coordinator()
     cluster.wait_ready(60)
     assert _loads(cluster) == before, "workers must keep their shards"
+
     # restart during a request: the client's stream breaks, the cluster does not
     def on_chunk(i):
         if i == 5:

@@ -34,7 +34,9 @@ def test_worker_reads_only_its_layers_bytes(tiny_model, start, end):
     names = stage_tensor_names(index, start, end, first=start == 0, last=end == n_layers)
     shard_bytes = sum(index[n].nbytes for n in names)
     all_bytes = sum(i.nbytes for i in index.values())
-    _get_classes(json.loads((tiny_model / "config.json").read_text()))  # model code is read once per process, not per shard
+    _get_classes(
+        json.loads((tiny_model / "config.json").read_text())
+    )  # model code is read once per process, not per shard
     before = _rchar()
     shard = load_shard(tiny_model, start, end)
     read = _rchar() - before
@@ -51,7 +53,9 @@ def test_unlisted_bit_widths_are_inferred(tiny_model):
     }
     shard = load_shard(tiny_model, 0, config["num_hidden_layers"])
     bits = {
-        path: m.bits for path, m in shard.model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        path: m.bits
+        for path, m in shard.model.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
     }
     unlisted = {b for b in bits.values() if b not in listed}
     assert unlisted, f"the test model must have a bit width config.json does not name; got {set(bits.values())}"
