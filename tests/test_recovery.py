@@ -3,6 +3,7 @@ Real processes, real signals; every wait polls a condition with a deadline."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -144,10 +145,8 @@ def test_restarted_coordinator_adopts_loaded_workers(cluster, undisturbed):
             cluster._stop(cluster.coordinator)
 
     got: list[int] = []
-    try:
+    with contextlib.suppress(OSError, http.client.HTTPException):
         got, _ = stream_ids(cluster.api, on_chunk=on_chunk)
-    except (OSError, http.client.HTTPException):
-        pass
     assert len(got) < N_TOKENS
     cluster.start_coordinator()
     cluster.wait_ready(60)
