@@ -12,6 +12,7 @@ and never import anything from the model directory. Models that ship a
 import codecs
 import hashlib
 import json
+import re
 from abc import ABC, abstractmethod
 from datetime import datetime
 from pathlib import Path
@@ -136,20 +137,32 @@ class Tokenizer(ABC):
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Render the model's own chat template and encode it.
 
-        Special tokens in the rendered text are recognised, as transformers
-        does when it tokenizes a chat.
-        """
+        Special tokens the template writes are recognised, as transformers does;
+        special-token text inside a message's content is encoded as plain text,
+        so a user cannot close their turn and forge another role's. (Each
+        content is rendered as a placeholder, and the rendered text is encoded
+        piece by piece.)"""
         if self._chat_template is None:
             raise TokenizerError(
                 f"{self.model_dir} has no chat template (looked for "
                 "chat_template.jinja and tokenizer_config.json's chat_template)"
             )
+        contents = [m.get("content") if isinstance(m.get("content"), str) else None for m in messages]
+        marks = [f"\x00{i}\x00" for i in range(len(messages))]
+        shown = [{**m, "content": mark} if c is not None else m for m, c, mark in zip(messages, contents, marks)]
         text = self._chat_template.render(
-            messages=messages,
+            messages=shown,
             add_generation_prompt=add_generation_prompt,
             **self.special_tokens_map(),
         )
-        return self.encode(text, allow_special=True)
+        ids: list[int] = []
+        for i, piece in enumerate(re.split("\x00(\\d+)\x00", text)):
+            if i % 2 == 0:
+                ids += self.encode(piece, allow_special=True) if piece else []
+            else:
+                content = contents[int(piece)]
+                ids += self.encode(content) if content else []
+        return ids
 
     def _eos_ids(self, token_to_id: dict[str, int], eos_token: str | None) -> set[int]:
         ids = set(as_id_list(self._config.get("eos_token_id")))
