@@ -6,27 +6,25 @@ GET /metrics. Errors use OpenAI's shape: {"error": {"message", "type", "param", 
 
 from __future__ import annotations
 
-import asyncio
+import hmac
 import json
 import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, suppress
+from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
 
 from . import log, metrics
-from .coordinator import Engine, Event, Request, RequestError
+from .coordinator import Engine, Event, QueueFull, Request, RequestError
 from .plan import GIB
 
 MAX_BODY_BYTES = 4 << 20
 SHUTDOWN_TIMEOUT_S = 2.0  # on SIGTERM, open streams get this long to end
 MAX_STOP_STRINGS = 4
 DEFAULT_MAX_TOKENS = 256
-STATS_TIMEOUT_S = 2.0  # /health and /metrics ask every worker for stats with this timeout
-STATS_BUDGET_S = 2.5  # ... and answer with the last known stats when that takes longer
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 logger = log.get_logger()
@@ -95,18 +93,19 @@ def _common(engine: Engine, body: dict) -> dict[str, Any]:
             "model",
             "model_not_found",
         )
-    n = _integer(body, "n", 1, 1, 1)
-    del n
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "stream must be a boolean", "stream")
+    _integer(body, "n", 1, 1, 1)  # one choice per request
+    flags = {}
+    for name in ("stream", "ignore_eos"):  # ignore_eos: vLLM's extension, for benchmarks and tests
+        flags[name] = body.get(name, False)
+        if not isinstance(flags[name], bool):
+            raise ApiError(400, f"{name} must be a boolean", name)
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
         raise ApiError(400, 'stream_options must be {"include_usage": bool}', "stream_options")
     ctx = engine.cfg.runtime.max_context
-    max_tokens = _integer(body, "max_completion_tokens", None, 1, ctx)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", None, 1, ctx)
+    max_tokens = _integer(body, "max_tokens", None, 1, ctx)  # the older name of max_completion_tokens
+    if (max_completion := _integer(body, "max_completion_tokens", None, 1, ctx)) is not None:
+        max_tokens = max_completion
     params = {
         "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
         "top_p": _number(body, "top_p", 1.0, 0.0, 1.0),
@@ -118,7 +117,7 @@ def _common(engine: Engine, body: dict) -> dict[str, Any]:
     if (seed := _integer(body, "seed", None, -(1 << 63), (1 << 64) - 1)) is not None:
         params["seed"] = seed & ((1 << 64) - 1)
     return {
-        "stream": stream,
+        **flags,
         "include_usage": bool(opts.get("include_usage", False)),
         "max_tokens": max_tokens,
         "stop": _stops(body),
@@ -192,6 +191,8 @@ async def _json_body(request: web.Request) -> dict:
         raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"malformed JSON body: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON body: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the JSON body must be an object")
     return body
@@ -217,6 +218,8 @@ async def _events(engine: Engine, req: Request) -> AsyncIterator[Event]:
                 if ev.kind == "error":
                     raise RequestError(ev.message or "request failed")
                 yield ev
+    except QueueFull as e:
+        raise ApiError(429, str(e), code="queue_full") from None
     except RequestError as e:
         raise ApiError(503 if engine.state != "ready" else 500, str(e)) from None
 
@@ -284,6 +287,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _json_body(request)
     opts = _common(engine, body)
     req = _build_request(engine, _chat_prompt(engine, body), opts)
+    req.stop_on_eos = not opts["ignore_eos"]
     created, model = int(time.time()), engine.cfg.model_name
 
     if opts["stream"]:
@@ -348,7 +352,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if logprobs:
         opts["params"]["logprobs"] = logprobs
     req = _build_request(engine, _completion_prompt(engine, body), opts)
-    req.stop_on_eos = not body.get("ignore_eos", False)
+    req.stop_on_eos = not opts["ignore_eos"]
     created, model = int(time.time()), engine.cfg.model_name
 
     if opts["stream"]:
@@ -396,13 +400,11 @@ async def models(request: web.Request) -> web.Response:
     )
 
 
-async def _workers(app: web.Application) -> dict[str, dict]:
-    """Every worker as the coordinator sees it now: its stats, asked with a
-    bounded wait (the last known ones when it does not answer in time)."""
+def _workers(app: web.Application) -> dict[str, dict]:
+    """Every worker as the coordinator sees it: the stats its liveness loop
+    asks for every heartbeat (never a call of its own: a hung worker must not
+    slow /health down, nor hold the control socket the liveness loop needs)."""
     engine: Engine = app["engine"]
-    if engine.state not in ("starting", "stopping"):
-        with suppress(TimeoutError):
-            await asyncio.wait_for(engine.refresh_workers(timeout=STATS_TIMEOUT_S), STATS_BUDGET_S)
     last: dict[str, dict] = app["last_stats"]
     out = {}
     for name, w in engine.worker_state.items():
@@ -427,7 +429,8 @@ def _worker_row(app: web.Application, name: str, w: dict) -> dict:
     stage = next((s for s in engine.plan.stages if s.worker == name), None)
     rate = None
     if w.get("up") and "tokens_in" in w:
-        rate = app["rates"].rate(f"worker:{name}:{w.get('pid')}", w["tokens_in"])
+        # timed by the worker's clock when it answered: the liveness loop asks, /health only reads
+        rate = app["rates"].rate(f"worker:{name}:{w.get('pid')}", w["tokens_in"], now=w.get("time", time.time()))
     return {
         "state": w.get("state", "unknown") if w.get("up") or w.get("state") == "unknown" else "down",
         "up": bool(w.get("up")),
@@ -440,7 +443,7 @@ def _worker_row(app: web.Application, name: str, w: dict) -> dict:
         "memory_bytes": w.get("memory_bytes"),
         "memory_total_bytes": int(cfg.memory_gb * GIB),
         "tokens_per_s": rate,
-        "last_seen": w.get("last_seen"),
+        "last_seen": w.get("last_seen") or w.get("time"),  # while loading: the worker's time of its answer
         "pid": w.get("pid"),
     }
 
@@ -450,7 +453,7 @@ async def health(request: web.Request) -> web.Response:
     every worker's state: what `kimi status` shows."""
     app = request.app
     engine: Engine = app["engine"]
-    workers = await _workers(app)
+    workers = _workers(app)
     state = _cluster_state(engine, workers)
     host = engine.cfg.coordinator.host
     body = {
@@ -477,7 +480,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def prometheus(request: web.Request) -> web.Response:
     engine: Engine = request.app["engine"]
-    workers = await _workers(request.app)
+    workers = _workers(request.app)
     text = metrics.render(engine, _cluster_state(engine, workers), workers)
     return web.Response(body=text.encode(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
@@ -487,7 +490,8 @@ async def errors(request: web.Request, handler):
     engine: Engine = request.app["engine"]
     try:
         key = engine.cfg.security.api_key
-        if key and request.path.startswith("/v1/") and request.headers.get("Authorization") != f"Bearer {key}":
+        given = request.headers.get("Authorization", "").encode()
+        if key and request.path.startswith("/v1/") and not hmac.compare_digest(given, f"Bearer {key}".encode()):
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
         if request.path.startswith("/v1/") and request.method == "POST" and engine.state != "ready":
             raise ApiError(503, f"the cluster is {engine.state}; try again when /health says ready")

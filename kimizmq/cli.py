@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
 import click
 
+from .bench import bench_command
 from .config import Config, ConfigError, load_config
+from .log import LEVELS
 from .plan import plan_command
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "kimi.toml"
@@ -187,7 +191,278 @@ def keys_command(config_path, name, all_names, force):
         raise click.ClickException(str(e)) from None
 
 
+# -- kimi chat ----------------------------------------------------------------------
+
+CHAT_PROMPT = "you> "
+
+
+class _Transcript:
+    """Writes an answer through to `out` and keeps it, also when it is cut short."""
+
+    def __init__(self, out):
+        self.out = out
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.parts.append(text)
+        self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+@main.command("chat")
+@config_option
+@click.option("--system", default=None, help="a system message to start the conversation with")
+@click.option("--max-tokens", type=click.IntRange(1), default=1024, show_default=True, help="per answer")
+@click.option("--temperature", type=click.FloatRange(0, 2), default=0.6, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+def chat_command(config_path, system, max_tokens, temperature, top_p, seed):
+    """Chat with the model, turn after turn.
+
+    Answers stream as they are written, and every turn sees the conversation
+    so far. Ctrl-C stops the answer being written, not the chat; Ctrl-D or
+    /exit ends the chat; /reset forgets the conversation."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401 - line editing and input history
+
+    cfg = _config(config_path)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    click.echo(
+        f"{cfg.model_name} at {_api(cfg)}: Ctrl-C stops an answer, Ctrl-D or /exit quits, /reset starts over.",
+        err=True,
+    )
+    while True:
+        try:
+            text = input(CHAT_PROMPT).strip()
+        except EOFError:
+            click.echo(err=True)
+            return
+        except KeyboardInterrupt:
+            click.echo(err=True)
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history = list(start)
+            click.echo("(the conversation is forgotten)", err=True)
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        body = {"messages": history, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+        if seed is not None:
+            body["seed"] = seed
+        answer = _Transcript(sys.stdout)
+        try:
+            _run(stream_completion(cfg, body, answer))
+        except KeyboardInterrupt:
+            click.echo("\n[stopped]", err=True)
+        except click.ClickException as e:
+            click.echo(f"\nerror: {e.format_message()}", err=True)
+            history.pop()
+            continue
+        else:
+            sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": answer.text})
+
+
+# -- kimi status --------------------------------------------------------------------
+
+STATUS_HTTP_TIMEOUT_S = 10.0  # /health itself waits up to a few seconds for slow workers
+STATUS_CONTROL_TIMEOUT_S = 3.0  # each worker's stats, asked directly when the coordinator is down
+STATUS_RATE_MARGIN_S = 0.3  # beyond one heartbeat, to measure tokens/s when /health has no recent sample
+
+
+async def _health(cfg: Config) -> dict:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STATUS_HTTP_TIMEOUT_S)) as session:
+        async with session.get(_api(cfg) + "/health") as resp:
+            body = await resp.json(content_type=None)
+    if not isinstance(body, dict) or not isinstance(body.get("workers"), dict) or "coordinator" not in body:
+        raise ValueError("its /health does not answer like kimi-coordinator's")
+    return body
+
+
+async def _status_from_coordinator(cfg: Config) -> dict:
+    body = await _health(cfg)
+    rates = [body["coordinator"].get("tokens_per_s")] + [w.get("tokens_per_s") for w in body["workers"].values()]
+    if body.get("status") == "ready" and None in rates:
+        # Rates come from the samples /health has seen: nobody asked lately, so measure over one heartbeat.
+        await asyncio.sleep(cfg.runtime.heartbeat_interval_s + STATUS_RATE_MARGIN_S)
+        body = await _health(cfg)
+    coordinator = {
+        **body["coordinator"],
+        "up": True,
+        "requests_in_flight": body.get("requests_in_flight"),
+        "queue_depth": body.get("queue_depth"),
+    }
+    return {
+        "model": body.get("model"),
+        "coordinator": coordinator,
+        "workers": [{"name": n, **w} for n, w in body["workers"].items()],
+    }
+
+
+async def _status_from_workers(cfg: Config, reason: str) -> dict:
+    """The coordinator is down: ask each worker's control socket directly."""
+    import zmq.asyncio
+
+    from . import security
+    from .control import ControlClient, ControlError, ControlTimeout
+    from .plan import GIB
+
+    report = {
+        "model": cfg.model_name,
+        "coordinator": {"state": "down", "up": False, "address": _api(cfg).removeprefix("http://"), "error": reason},
+        "workers": [],
+    }
+    try:
+        curve = security.Curve.for_daemon(cfg, security.COORDINATOR, peers=tuple(w.name for w in cfg.workers))
+    except security.SecurityError as e:
+        curve, key_error = None, f"cannot ask it directly: {e}"
+    else:
+        key_error = None
+    ctx = zmq.asyncio.Context()
+    clients = {
+        w.name: ControlClient(ctx, w.name, w.control_address, curve.client if curve is not None else None)
+        for w in cfg.workers
+    }
+
+    async def one(w) -> dict:
+        row = {
+            "name": w.name,
+            "address": w.control_address,
+            "memory_total_bytes": int(w.memory_gb * GIB),
+            "tokens_per_s": None,
+        }
+        if key_error is not None:
+            return {**row, "state": "unknown", "up": False, "error": key_error}
+        try:
+            s = await clients[w.name].call("stats", timeout=STATUS_CONTROL_TIMEOUT_S)
+        except (ControlTimeout, ControlError) as e:
+            return {**row, "state": "down", "up": False, "error": str(e), "last_seen": None}
+        keys = ("state", "layers", "progress", "memory_bytes", "requests", "error", "pid")
+        return {**row, **{k: s.get(k) for k in keys}, "up": True, "last_seen": time.time()}
+
+    try:
+        report["workers"] = list(await asyncio.gather(*(one(w) for w in cfg.workers)))
+    finally:
+        for c in clients.values():
+            c.close()
+        ctx.term()
+    return report
+
+
+async def cluster_status(cfg: Config) -> dict:
+    """The coordinator's /health; when it cannot be asked, the workers' own stats."""
+    try:
+        return await _status_from_coordinator(cfg)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+        return await _status_from_workers(cfg, f"{_api(cfg)}: {str(e) or type(e).__name__}")
+
+
+def _size(b) -> str:
+    if not isinstance(b, (int, float)):
+        return "-"
+    return f"{b / (1 << 30):.1f} GiB" if b >= 1 << 30 else f"{b / (1 << 20):.1f} MiB"
+
+
+def _load(w: dict) -> str:
+    p = w.get("progress") or {}
+    total = p.get("total_bytes")
+    if not total:
+        return "-"
+    text = f"{p.get('done_bytes', 0) / total:.0%} of {_size(total)}"
+    if w.get("state") == "loading" and p.get("rate_bytes_s"):
+        text += f" at {p['rate_bytes_s'] / 1e6:.0f} MB/s"
+    return text
+
+
+def format_status(report: dict) -> str:
+    c = report["coordinator"]
+    if c.get("up"):
+        rate = f", {c['tokens_per_s']:.1f} tokens/s" if c.get("tokens_per_s") is not None else ""
+        head = (
+            f"coordinator {c.get('address')}: {c.get('state')} (model {report.get('model')}, "
+            f"{c.get('requests_in_flight')} in flight, {c.get('queue_depth')} queued{rate}, "
+            f"up {c.get('uptime_s', 0):.0f} s)"
+        )
+    else:
+        head = f"coordinator {c.get('address')}: down ({c.get('error')}); the workers answered directly:"
+    table = [["WORKER", "ADDRESS", "STATE", "LAYERS", "MEMORY", "LOAD", "TOK/S", "HEARTBEAT"]]
+    notes = []
+    for w in report["workers"]:
+        layers = w.get("layers")
+        rate = w.get("tokens_per_s")
+        seen = w.get("last_seen")
+        table.append(
+            [
+                w["name"],
+                str(w.get("address", "-")).removeprefix("tcp://"),
+                str(w.get("state", "unknown")),
+                f"[{layers[0]}, {layers[1]})" if layers else "-",
+                f"{_size(w.get('memory_bytes'))} / {_size(w.get('memory_total_bytes'))}",
+                _load(w),
+                f"{rate:.1f}" if rate is not None else "-",
+                f"{max(time.time() - seen, 0):.1f} s ago" if seen else "-",
+            ]
+        )
+        if w.get("error"):
+            notes.append(f"{w['name']}: {w['error']}")
+    return "\n".join([head, _rows(table), *notes])
+
+
+@main.command("status")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def status_command(config_path, as_json):
+    """Show the state of the coordinator and of every worker.
+
+    One row per worker: address, state, layers, memory used and total, load
+    progress, tokens/s, last heartbeat. Asks the coordinator; when it is down,
+    asks every worker directly. Exits 1 unless the cluster is ready."""
+    cfg = _config(config_path)
+    report = asyncio.run(cluster_status(cfg))
+    click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
+    raise SystemExit(0 if report["coordinator"].get("state") == "ready" else 1)
+
+
+# -- kimi logs ----------------------------------------------------------------------
+
+
+@main.command("logs")
+@config_option
+@click.option("-f", "--follow", is_flag=True, help="keep printing lines as they are written")
+@click.option("--request", "request_id", help="only the lines of this request (its id is the response's id)")
+@click.option("--level", type=click.Choice(list(LEVELS)), help="only lines of this level or worse")
+@click.option("--daemon", "daemons", multiple=True, help="only this daemon's lines: coordinator, worker-NAME")
+@click.option("-n", "--lines", type=click.IntRange(0), help="of the lines there already, only the last N")
+@click.option("--json", "as_json", is_flag=True, help="print the merged lines as they are, JSON")
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+def logs_command(config_path, follow, request_id, level, daemons, lines, as_json, paths):
+    """Show the daemons' logs, merged in time order.
+
+    Reads the log folder of the config and PATHS (log files or folders copied
+    from other machines). `--request ID` follows one request through the
+    coordinator and every stage."""
+    from .logs import LogReader, matcher, show
+
+    cfg = _config(config_path)
+    reader = LogReader([cfg.log_dir, *paths])
+    if not reader.files() and not follow:
+        raise click.ClickException(f"no logs in {cfg.log_dir}: has a daemon of this config run on this machine?")
+    with contextlib.suppress(KeyboardInterrupt):  # how following ends
+        show(reader, matcher(request_id, level, daemons), click.echo, as_json=as_json, last=lines, follow=follow)
+
+
 main.add_command(plan_command, "plan")
+main.add_command(bench_command, "bench")
 
 
 if __name__ == "__main__":

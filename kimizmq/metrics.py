@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-RATE_WINDOW_S = 30.0  # a rate covers about this much of the recent past
+RATE_WINDOW_S = 30.0  # a rate covers at most this much of the recent past
 MIN_RATE_SPAN_S = 0.5  # samples closer together than this give no rate
 MAX_RATE_SAMPLES = 1024
 CLUSTER_STATES = ("starting", "loading", "ready", "degraded", "failed", "stopping")
@@ -52,7 +52,8 @@ class Histogram:
 
 
 class RateMeter:
-    """Per-second rates of growing counters, from the samples it is shown."""
+    """Per-second rates of growing counters, from the samples it is shown:
+    over the samples of the last `window_s`, none when those are too few."""
 
     def __init__(self, window_s: float = RATE_WINDOW_S, min_span_s: float = MIN_RATE_SPAN_S):
         self.window_s = window_s
@@ -60,15 +61,15 @@ class RateMeter:
         self.samples: dict[str, deque[tuple[float, float]]] = {}
 
     def rate(self, key: str, value: float, now: float | None = None) -> float | None:
-        """Record `value` for `key` and return its rate over the recent past,
-        or None until two samples are far enough apart."""
+        """Record `value` for `key` at `now` and return its recent rate, or
+        None until samples of the last window span at least min_span_s."""
         now = time.monotonic() if now is None else now
         d = self.samples.setdefault(key, deque(maxlen=MAX_RATE_SAMPLES))
         if d and value < d[-1][1]:
             d.clear()  # the counter started again (a restarted worker)
         d.append((now, value))
-        while len(d) > 2 and now - d[1][0] >= self.window_s:
-            d.popleft()  # keep one sample at or beyond the window's start
+        while now - d[0][0] > self.window_s:
+            d.popleft()
         t0, v0 = d[0]
         if now - t0 < self.min_span_s:
             return None

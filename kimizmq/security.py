@@ -11,7 +11,8 @@ coordinator is "coordinator", a worker its name in the config) and a keypair:
 
 Sockets that bind (worker control and data, coordinator result) are CURVE
 servers: a ZAP handler refuses every client whose public key is not in
-`public/`, before any of its messages reach the daemon. Sockets that connect
+`public/` (read again at every handshake, so adding or removing a file needs
+no restart), before any of its messages reach the daemon. Sockets that connect
 are CURVE clients that know the server's public key from the owner of the
 address. `kimi keys` makes the files; SECURITY.md says how to share them.
 
@@ -145,12 +146,11 @@ class Curve:
         if os.name == "posix" and path.stat().st_mode & 0o077:
             logger.warning("secret_key_readable_by_others", path=str(path), hint=f"chmod 600 {path}")
         self.public, self.secret = _read_key(path, secret=True)
+        own = public_path(cfg, me)
+        if not own.exists() or _read_key(own, secret=False)[0] != self.public:
+            problem = "is missing" if not own.exists() else f"does not hold the public key of {path}"
+            raise SecurityError(f"{own} {problem}: put the public-key line of {path} there (kimi keys writes both)")
         self.allowed = load_public_keys(self.public_dir)
-        if self.allowed.get(self.public) != me:
-            raise SecurityError(
-                f"{public_path(cfg, me)} does not hold the public key of {path}: "
-                "copy the public key made with this secret key there"
-            )
         for peer in peers:
             self.server_key(peer)
         self._auth: ThreadAuthenticator | None = None
@@ -247,12 +247,6 @@ class _QuietLog:
 
     def debug(self, *args) -> None:
         pass
-
-    def info(self, *args) -> None:
-        pass
-
-    def warning(self, msg: str, *args) -> None:
-        logger.warning("zap", message=msg % args)
 
     def error(self, msg: str, *args) -> None:
         logger.error("zap", message=msg % args)

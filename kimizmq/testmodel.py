@@ -261,8 +261,60 @@ def train_bpe(text: str, vocab_size: int) -> dict[bytes, int]:
     return ranks
 
 
-def model_config(num_layers: int) -> dict:
-    """config.json: Kimi-K2's architecture, shrunk."""
+# Geometry a caller may change (`make_test_model(geometry=...)`); everything
+# else (routing, rope, quantization layout, tokenizer) stays the test model's.
+GEOMETRY_KEYS = frozenset(
+    {
+        "hidden_size",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "n_routed_experts",
+        "n_shared_experts",
+        "num_experts_per_tok",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+    }
+)
+
+# Kimi-K2-Instruct's per-layer geometry (../shared/reference), with 16 routed
+# experts instead of 384 so that a few layers fit one GPU: a decode step does
+# the same work per layer as Kimi-K2 (8 active experts of 2048, one shared).
+KIMI_K2_GEOMETRY = {
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "n_routed_experts": 16,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 64,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+}
+
+
+def model_config(num_layers: int, geometry: dict | None = None) -> dict:
+    """config.json: Kimi-K2's architecture, shrunk (or with `geometry`'s sizes)."""
+    config = _base_config(num_layers)
+    if geometry:
+        unknown = set(geometry) - GEOMETRY_KEYS
+        if unknown:
+            raise ValueError(f"unknown geometry keys {sorted(unknown)}; expected some of {sorted(GEOMETRY_KEYS)}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in geometry.values()):
+            raise ValueError(f"geometry values must be positive integers, got {geometry}")
+        config.update(geometry)
+    return config
+
+
+def _base_config(num_layers: int) -> dict:
     first_special = BASE_VOCAB
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
@@ -366,9 +418,15 @@ def build_weights(config: dict, seed: int) -> tuple[dict[str, mx.array], int]:
     params = [(name, init_weight(name, v.shape, seed)) for name, v in tree_flatten(model.parameters())]
     params = [(k, v.astype(mx.bfloat16) if cast(k) else v) for k, v in params]
     model.update(tree_unflatten(params))
+    del params  # the float32 originals are freed as each part is quantized
     nn.quantize(model, class_predicate=quant_params)
     weights = dict(tree_flatten(model.parameters()))
-    mx.eval(weights)
+    # One layer at a time, so a large geometry never holds all of its float32 weights at once.
+    parts: dict[str, list[mx.array]] = {}
+    for k, v in weights.items():
+        parts.setdefault(".".join(k.split(".")[:3]) if k.startswith("model.layers.") else k, []).append(v)
+    for arrays in parts.values():
+        mx.eval(arrays)
     return weights, get_total_parameters(model)
 
 
@@ -425,8 +483,8 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=4, ensure_ascii=False) + "\n")
 
 
-def write_model(path: Path, seed: int, num_layers: int) -> None:
-    config = model_config(num_layers)
+def write_model(path: Path, seed: int, num_layers: int, geometry: dict | None = None) -> None:
+    config = model_config(num_layers, geometry)
     weights, total_parameters = build_weights(config, seed)
     save_shards(path, weights, total_parameters)
     write_json(path / "config.json", dict(sorted(config.items())))
@@ -441,10 +499,13 @@ def write_model(path: Path, seed: int, num_layers: int) -> None:
     (path / "tokenization_kimi.py").write_text(TRIPWIRE_SOURCE)
 
 
-def stamp(seed: int, num_layers: int) -> dict:
+def stamp(seed: int, num_layers: int, geometry: dict | None = None) -> dict:
     """What a finished model records; a different stamp means rebuild."""
     source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-    return {"seed": seed, "num_layers": num_layers, "generator_sha256": source}
+    out = {"seed": seed, "num_layers": num_layers, "generator_sha256": source}
+    if geometry:
+        out["geometry"] = dict(sorted(geometry.items()))
+    return out
 
 
 def read_stamp(path: Path) -> dict | None:
@@ -454,8 +515,12 @@ def read_stamp(path: Path) -> dict | None:
         return None
 
 
-def make_test_model(path: str | Path, *, seed: int = 0, num_layers: int = 7) -> Path:
+def make_test_model(path: str | Path, *, seed: int = 0, num_layers: int = 7, geometry: dict | None = None) -> Path:
     """Write a tiny Kimi-K2-layout model to ``path`` and return ``path``.
+
+    ``geometry`` overrides sizes named in ``GEOMETRY_KEYS`` (``KIMI_K2_GEOMETRY``:
+    Kimi-K2's per-layer sizes, for benchmarks); such a model is built on the
+    default device (the GPU where there is one), the tiny one on the CPU.
 
     The same arguments give byte-identical files. If ``path`` already holds a
     model made with the same arguments (and this same generator), nothing is
@@ -467,7 +532,8 @@ def make_test_model(path: str | Path, *, seed: int = 0, num_layers: int = 7) -> 
     if num_layers < 2:
         raise ValueError(f"num_layers must be at least 2 (got {num_layers})")
     path = Path(path)
-    want = stamp(seed, num_layers)
+    model_config(num_layers, geometry)  # refuse bad geometry before touching path
+    want = stamp(seed, num_layers, geometry)
     if read_stamp(path) == want:
         return path
     if path.exists() and read_stamp(path) is None and any(path.iterdir()):
@@ -476,8 +542,8 @@ def make_test_model(path: str | Path, *, seed: int = 0, num_layers: int = 7) -> 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp.chmod(0o755)
     try:
-        with mx.stream(mx.cpu):
-            write_model(tmp, seed, num_layers)
+        with mx.stream(mx.default_device() if geometry else mx.cpu):
+            write_model(tmp, seed, num_layers, geometry)
         write_json(tmp / STAMP_NAME, want)
         replace_dir(tmp, path, want)
     finally:

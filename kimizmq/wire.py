@@ -152,6 +152,18 @@ def decode(
     return Message(kind, fields, tensors)
 
 
+def check_token(header: dict, vocab_size: int) -> None:
+    """A decoded `token` message's values beyond their types: every id inside
+    the vocabulary, every logprob a number that is not NaN or +inf."""
+    top = header.get("top_logprobs") or []
+    if not all(isinstance(p, list) and len(p) == 2 and _type_ok(p[0], int) and _type_ok(p[1], float) for p in top):
+        raise WireError("token: top_logprobs must be a list of [token id, logprob] pairs")
+    if not all(0 <= i < vocab_size for i in [header["token"], *(p[0] for p in top)]):
+        raise WireError(f"token: token id outside the vocabulary 0..{vocab_size - 1}")
+    if any(math.isnan(lp) or lp == math.inf for lp in [header["logprob"], *(p[1] for p in top)]):
+        raise WireError("token: logprob is NaN or +inf")
+
+
 def _schema(kind: object) -> Schema:
     if not isinstance(kind, str) or kind not in SCHEMAS:
         raise WireError(f"unknown message kind {reprlib.repr(kind)}, expected one of {list(SCHEMAS)}")
