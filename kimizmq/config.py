@@ -74,6 +74,7 @@ class RuntimeConfig:
     heartbeat_interval_s: float = 1.0
     liveness_timeout_s: float = 4.0  # + one heartbeat interval: a dead or hung worker is noticed within 5 s
     recovery_timeout_s: float = 120.0  # in-flight requests wait this long for a lost worker
+    request_idle_timeout_s: float = 600.0  # a stage frees a request's caches after this long unused
 
 
 @dataclass(frozen=True)

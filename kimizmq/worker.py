@@ -32,6 +32,7 @@ from .stage import Stage, StageError, Step
 
 POLL_MS = 100
 MAX_BATCH = 16  # data messages taken per loop round
+EVICT_SWEEP_S = 5.0  # how often idle requests are looked for
 SEND_TIMEOUT_MS = 5000
 DATA_HWM = 64
 LOAD_MARGIN_BYTES = 1 << 30  # beyond the shard's own bytes when the load names no reserve
@@ -109,6 +110,7 @@ class Worker:
         self.started = time.time()
         self.counters = {"bad_messages": 0, "stage_errors": 0, "requests_started": 0, "tokens_sampled": 0, "loads": 0}
         self.running = True
+        self._last_sweep = time.monotonic()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -131,7 +133,22 @@ class Worker:
                 self.control.send_multipart(self.handle_command(self.control.recv_multipart(copy=False)))
             if self.data in events:
                 self.handle_data(*self._drain())
+            self._evict_idle()
         logger.info("worker_stopped")
+
+    def _evict_idle(self) -> None:
+        """Free the caches of requests nobody has driven for a long time (a
+        coordinator that died mid-request, a peer that opened one and left)."""
+        now = time.monotonic()
+        if self.stage is None or now - self._last_sweep < EVICT_SWEEP_S:
+            return
+        self._last_sweep = now
+        for req, state in list(self.stage.requests.items()):
+            if now - state.last_used > self.cfg.runtime.request_idle_timeout_s:
+                self.stage.release(req)
+                log.bind_request(req)
+                logger.warning("request_evicted", idle_s=round(now - state.last_used, 1))
+                log.bind_request(None)
 
     def _drain(self) -> list:
         """What is waiting on the data socket, up to MAX_BATCH messages: decode

@@ -68,3 +68,31 @@ def test_burst_beyond_capacity_completes_or_gets_429(tiny_model, tmp_path):
 
         status, health = cluster.health()
         assert status == 200 and health["requests_in_flight"] == 0 and health["queue_depth"] == 0
+
+
+def test_a_stage_frees_a_request_nobody_drives(tiny_model, tmp_path):
+    import mlx.core as mx
+    import zmq
+
+    from kimizmq import wire
+    from tests.test_batching import worker_stats
+
+    cfg = write_config(tmp_path / "kimi.toml", tiny_model, 1, runtime={"request_idle_timeout_s": 0.5})
+    with LocalCluster(cfg) as cluster:
+        w = cluster.cfg.workers[0]
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        try:
+            push.connect(w.data_address)
+            header = {"req": "orphan", "seq": 0, "offset": 0, "sample": False, "params": {}}
+            push.send_multipart(wire.encode("forward", header, [mx.array([[1, 2, 3]], dtype=mx.int32)]))
+            deadline = time.monotonic() + 5
+            while "orphan" not in worker_stats(w.control_address)["active_requests"]:
+                assert time.monotonic() < deadline, "the request never opened"
+                time.sleep(0.05)
+            deadline = time.monotonic() + 15
+            while "orphan" in worker_stats(w.control_address)["active_requests"]:
+                assert time.monotonic() < deadline, "the idle request was never freed"
+                time.sleep(0.1)
+        finally:
+            push.close()
