@@ -159,9 +159,13 @@ def describe_device() -> tuple[str, bool]:
     if smi:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             out = subprocess.run(
-                [smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+                [smi, "--query-gpu=index,name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
             )
-            names = [n.strip() for n in out.stdout.splitlines() if n.strip()]
+            gpus = dict(line.split(",", 1) for line in out.stdout.splitlines() if "," in line)
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible is not None:
+                gpus = {i: n for i, n in gpus.items() if i.strip() in visible.split(",")}
+            names = [n.strip() for n in gpus.values()]
             if out.returncode == 0 and names:
                 return (f"{len(names)} x {names[0]}" if len(names) > 1 else names[0]), True
     with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -330,7 +334,7 @@ def _mlx_lm_process(spec_path: str) -> int:
             gen.close()
             return wall, tokens
 
-        timed_generate(prompt_ids(DECODE_PROMPT_TOKENS, 0), 16)  # warm up
+        timed_generate(prompt_ids(DECODE_PROMPT_TOKENS, 0), min(16, bc.decode_tokens))  # warm up
         rates = []
         for trial in range(bc.decode_trials):
             _, times = timed_generate(prompt_ids(DECODE_PROMPT_TOKENS, 1 + trial), bc.decode_tokens)
@@ -490,7 +494,7 @@ async def _drive_kimizmq(bc: BenchConfig, api: str, cfg, stages: int, chunk: int
         async def one(prompt: list[int], n: int, per_token: bool = True):
             return await _stream(session, url, _body(prompt, n, per_token=per_token))
 
-        await one(prompt_ids(DECODE_PROMPT_TOKENS, 0), 16)  # warm up
+        await one(prompt_ids(DECODE_PROMPT_TOKENS, 0), min(16, bc.decode_tokens))  # warm up
         if not only_ttft:
             # The stages' compute of a prompt alone, to take out of the decode trials' counters.
             before = _worker_stats(cfg)
@@ -600,7 +604,8 @@ def _kimizmq_rows(bc: BenchConfig, stages: int, *, chunk: int | None = None) -> 
             rows = asyncio.run(asyncio.wait_for(drive, bc.system_timeout_s))
     except Exception as e:  # noqa: BLE001 - one system failing must not lose the others' rows
         detail = cluster.stderr("coordinator")[-300:] if cluster.coordinator is not None else ""
-        message = f"{type(e).__name__}: {e}" + (f" | {detail}" if detail else "")
+        what = f"no result after {bc.system_timeout_s:g} s" if isinstance(e, TimeoutError) else str(e)
+        message = f"{type(e).__name__}: {what}" + (f" | {detail}" if detail else "")
         return [bc.row("kimizmq", stages, concurrency=1, prompt_tokens=0, metric="error", error=message)]
     return rows
 
@@ -743,12 +748,13 @@ def goals(rows: list[Row], *, gpu: bool) -> list[tuple[str, str, bool | None]]:
     else:
         out.append(("TTFT, 2 stages, chunked <= 0.7 x whole", "not measured", None))
     ring = [r for r in rows if r.system.startswith("mlx-lm-") and r.metric != "error"]
-    if ring:
+    pairs = [
+        (r, _find(rows, "kimizmq", 2, r.metric, concurrency=r.concurrency, prompt_tokens=r.prompt_tokens)) for r in ring
+    ]
+    pairs = [(r, k) for r, k in pairs if k is not None]
+    if pairs:
         lost = []
-        for r in ring:
-            k = _find(rows, "kimizmq", 2, r.metric, concurrency=r.concurrency, prompt_tokens=r.prompt_tokens)
-            if k is None:
-                continue
+        for r, k in pairs:
             if r.metric == "ttft":
                 if k.ttft_s is None or r.ttft_s is None or k.ttft_s > r.ttft_s:
                     lost.append(f"{r.metric}/{r.prompt_tokens}")
@@ -862,9 +868,18 @@ def _report(rows: list[Row], json_path: Path, *, gpu: bool, draw: bool) -> None:
 )
 @click.option("--kimi-geometry", is_flag=True, help="a synthetic model with Kimi-K2's per-layer geometry instead")
 @click.option("--layers", type=click.IntRange(2), default=16, show_default=True, help="layers of --kimi-geometry")
+@click.option(
+    "--models",
+    "models_dir",
+    default="models",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="where generated models are kept",
+)
 @click.option("--quick", is_flag=True, help="fewer tokens, short prompts: a few minutes on 2 CPU cores")
 @click.option("--systems", default=",".join(DEFAULT_SYSTEMS), show_default=True, help=f"of {', '.join(SYSTEMS)}")
 @click.option("--decode-tokens", type=click.IntRange(2), help="tokens per decode request")
+@click.option("--aggregate-tokens", type=click.IntRange(1), help="tokens per request in aggregate rows")
 @click.option("--concurrency", "concurrency_text", help="requests in flight for aggregate rows, e.g. 1,4,8,16")
 @click.option("--prompts", "prompts_text", help="prompt lengths for time to first token, e.g. 128,2048,8192")
 @click.option("--nochunk-prompt", type=click.IntRange(0), help="prompt for kimizmq-2 unchunked (0: skip)")
@@ -879,7 +894,7 @@ def _report(rows: list[Row], json_path: Path, *, gpu: bool, draw: bool) -> None:
 @click.option("--no-plot", is_flag=True, help="no PNG")
 @click.option("--replot", type=click.Path(dir_okay=False, exists=True), help="print and draw an earlier JSON; no run")
 def bench_command(
-    model_dir, kimi_geometry, layers, quick, systems, decode_tokens, concurrency_text, prompts_text,
+    model_dir, kimi_geometry, layers, models_dir, quick, systems, decode_tokens, aggregate_tokens, concurrency_text, prompts_text,
     nochunk_prompt, prefill_chunk, gpus, pin, system_timeout, out_dir, name, no_plot, replot,
 ):  # fmt: skip
     """Measure kimizmq (1, 2, 3 stages on loopback) against single-process mlx-lm and
@@ -901,7 +916,7 @@ def bench_command(
         raise click.BadParameter("give --model or --kimi-geometry, not both")
     if kimi_geometry:
         experts = KIMI_K2_GEOMETRY["n_routed_experts"]
-        path = Path(f"models/kimi-k2-geometry-l{layers}-e{experts}").resolve()
+        path = (Path(models_dir) / f"kimi-k2-geometry-l{layers}-e{experts}").resolve()
         click.echo(f"[bench] making the Kimi-geometry model at {path} (once) ...", err=True)
         model = make_test_model(path, seed=0, num_layers=layers, geometry=KIMI_K2_GEOMETRY)
         label = f"kimi-k2-geometry ({layers} layers, {experts} routed experts)"
@@ -909,7 +924,7 @@ def bench_command(
         model = Path(model_dir).resolve()
         label = model.name
     else:
-        model = make_test_model(Path("models/kimi-k2-tiny").resolve())
+        model = make_test_model((Path(models_dir) / "kimi-k2-tiny").resolve())
         label = "kimi-k2-tiny test model (7 layers, hidden 256)"
     if not (model / "config.json").exists():
         raise click.ClickException(f"{model}: no config.json; is --model a model directory?")
@@ -923,6 +938,7 @@ def bench_command(
         bc.aggregate_tokens = 32
         bc.prompts, bc.nochunk_prompt, bc.prefill_chunk = (128, 1024), 1024, 128
     bc.decode_tokens = decode_tokens or bc.decode_tokens
+    bc.aggregate_tokens = aggregate_tokens or bc.aggregate_tokens
     if concurrency_text:
         bc.concurrency = _ints(concurrency_text)
     if prompts_text:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import openai
 import pytest
 
 from kimizmq.testmodel import make_test_model
@@ -16,3 +17,9 @@ def tiny_model() -> Path:
     make_test_model rebuilds it when its parameters or its generator change.
     """
     return make_test_model(REPO / "models" / "test-kimi-k2-tiny-seed0-layers7", seed=0, num_layers=7)
+
+
+@pytest.fixture(scope="module")
+def client(cluster) -> openai.OpenAI:
+    """The official openai client on the module's `cluster` fixture."""
+    return openai.OpenAI(base_url=cluster.api + "/v1", api_key="unused", max_retries=0, timeout=120)

@@ -4,7 +4,6 @@ status, /health, /metrics, and a client that leaves in the middle of a stream.""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
@@ -17,14 +16,12 @@ import urllib.request
 
 import openai
 import pytest
-import zmq.asyncio
 
-from kimizmq.config import Config
-from kimizmq.control import ControlClient
 from kimizmq.local import LocalCluster, write_config
 from kimizmq.metrics import Histogram, RateMeter
 from kimizmq.plan import GIB
 from kimizmq.tokenizer import load_tokenizer
+from tests.support import log_events, running_cluster, wait_until, worker_stats
 
 MODEL = "kimi-k2-4bit"
 CONTEXT = 4096
@@ -34,40 +31,9 @@ HELLO = [{"role": "user", "content": "Hello, tell me about artificial intelligen
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("api") / "kimi.toml"
-    cfg = write_config(path, tiny_model, 2, model_name=MODEL, runtime={"max_context": CONTEXT})
-    with LocalCluster(cfg) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def client(cluster) -> openai.OpenAI:
-    return openai.OpenAI(base_url=cluster.api + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def wait_until(condition, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
-    return value
-
-
-def worker_stats(cfg: Config) -> dict[str, dict]:
-    """Every worker's `stats`, asked on its control socket."""
-
-    async def ask() -> dict[str, dict]:
-        ctx = zmq.asyncio.Context()
-        clients = [ControlClient(ctx, w.name, w.control_address) for w in cfg.workers]
-        try:
-            return {c.name: await c.call("stats", timeout=5.0) for c in clients}
-        finally:
-            for c in clients:
-                c.close()
-            ctx.term()
-
-    return asyncio.run(ask())
+    yield from running_cluster(
+        tmp_path_factory.mktemp("api"), tiny_model, 2, model_name=MODEL, runtime={"max_context": CONTEXT}
+    )
 
 
 def http(base: str, method: str, path: str, body: bytes | dict | None = None) -> tuple[int, dict, bytes]:
@@ -316,13 +282,8 @@ def test_a_client_leaving_mid_stream_frees_the_request_on_every_stage(cluster, c
     )
     assert all(s["cache_bytes"] == 0 for s in worker_stats(cluster.cfg).values())
     assert cluster.health()[1]["requests_in_flight"] == 0
-    log = cluster.log_dir / "coordinator.jsonl"
     cancelled = wait_until(
-        lambda: [
-            e
-            for e in map(json.loads, log.read_text().splitlines())
-            if e["event"] == "request_cancelled" and e["request_id"] == first.id
-        ],
+        lambda: [e for e in log_events(cluster, "coordinator", "request_cancelled") if e["request_id"] == first.id],
         "the coordinator to log the cancellation",
     )
     assert cancelled[0]["tokens"] < LONG

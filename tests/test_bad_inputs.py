@@ -19,6 +19,7 @@ import pytest
 
 from kimizmq.config import ConfigError, load_config
 from kimizmq.local import LocalCluster, write_config
+from tests.support import running_cluster
 
 MAX_CONTEXT = 256
 PROMPT = [5, 17, 99, 230, 41, 7, 300, 12]
@@ -43,11 +44,9 @@ def post(base: str, path: str, body) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model, tmp_path_factory):
-    cfg = write_config(
-        tmp_path_factory.mktemp("bad-inputs") / "kimi.toml", tiny_model, 1, runtime={"max_context": MAX_CONTEXT}
+    yield from running_cluster(
+        tmp_path_factory.mktemp("bad-inputs"), tiny_model, 1, runtime={"max_context": MAX_CONTEXT}
     )
-    with LocalCluster(cfg) as c:
-        yield c
 
 
 # -- HTTP -----------------------------------------------------------------------------------

@@ -3,46 +3,24 @@ batched forward pass, and give exactly the tokens each request gets alone."""
 
 from __future__ import annotations
 
-import json
 import threading
-import urllib.request
 
-import zmq
-
-from kimizmq import wire
 from kimizmq.local import LocalCluster, write_config
+from tests.support import complete_ids, worker_stats
 
 N_TOKENS = 40
 PROMPTS = [[7 + i, 100 + 3 * i, 5, 64 + i, 9] + [200 + i] * (i % 4) for i in range(6)]
 
 
 def greedy(base: str, prompt: list[int]) -> list[int]:
-    body = {"prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0, "logprobs": 1, "ignore_eos": True}
-    req = urllib.request.Request(
-        base + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())["choices"][0]["logprobs"]["token_ids"]
-
-
-def worker_stats(address: str) -> dict:
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.RCVTIMEO, 5000)
-    try:
-        s.connect(address)
-        s.send_multipart(wire.encode("command", {"cmd": "stats", "id": "t"}))
-        return wire.decode(s.recv_multipart()).header["result"]
-    finally:
-        s.close()
+    return complete_ids(base, prompt, N_TOKENS)["logprobs"]["token_ids"]
 
 
 def test_concurrent_requests_are_batched_and_token_identical(tiny_model, tmp_path):
     cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2, runtime={"max_concurrent": 8})
     with LocalCluster(cfg) as cluster:
         alone = [greedy(cluster.api, p) for p in PROMPTS]
-        before = {w.name: worker_stats(w.control_address)["batched_forwards"] for w in cluster.cfg.workers}
+        before = {name: s["batched_forwards"] for name, s in worker_stats(cluster.cfg).items()}
         together: dict[int, list[int]] = {}
 
         def run(i: int) -> None:
@@ -53,7 +31,7 @@ def test_concurrent_requests_are_batched_and_token_identical(tiny_model, tmp_pat
             t.start()
         for t in threads:
             t.join(120)
-        after = {w.name: worker_stats(w.control_address) for w in cluster.cfg.workers}
+        after = worker_stats(cluster.cfg)
 
     assert [together[i] for i in range(len(PROMPTS))] == alone
     assert len({tuple(a) for a in alone}) == len(PROMPTS), "different prompts must give different outputs"

@@ -13,13 +13,12 @@ import threading
 import time
 from datetime import datetime
 
-import openai
 import pytest
 import zmq
 from click.testing import CliRunner
 
 from kimizmq.cli import format_status, main
-from kimizmq.local import LocalCluster, write_config
+from tests.support import log_events, running_cluster, wait_until
 
 MODEL = "kimi-k2-tiny"
 CONTEXT = 4096
@@ -27,24 +26,9 @@ CONTEXT = 4096
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli") / "kimi.toml"
-    cfg = write_config(path, tiny_model, 2, model_name=MODEL, runtime={"max_context": CONTEXT})
-    with LocalCluster(cfg) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def client(cluster) -> openai.OpenAI:
-    return openai.OpenAI(base_url=cluster.api + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def wait_until(condition, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
-    return value
+    yield from running_cluster(
+        tmp_path_factory.mktemp("cli"), tiny_model, 2, model_name=MODEL, runtime={"max_context": CONTEXT}
+    )
 
 
 def kimi(*args: str) -> tuple[int, str]:
@@ -93,11 +77,6 @@ class Kimi:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         return self.proc.wait()
-
-
-def coordinator_events(cluster, event: str) -> list[dict]:
-    lines = (cluster.log_dir / "coordinator.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == event]
 
 
 def pipeline_idle(cluster) -> bool:
@@ -227,7 +206,7 @@ def test_chat_streams_answers_and_keeps_the_conversation(cluster):
         chat.wait_for(lambda out: out.count("you> ") == 3, "the second answer")
     finally:
         assert chat.close() == 0
-    first, second = coordinator_events(cluster, "request_submitted")[-2:]
+    first, second = log_events(cluster, "coordinator", "request_submitted")[-2:]
     assert second["prompt_tokens"] > first["prompt_tokens"] + 4  # the first turn, question and answer, is in it
     answers = chat.output.split("you> ")[1:3]
     assert all(a.strip() for a in answers)
@@ -258,7 +237,7 @@ def test_chat_ctrl_c_stops_the_answer_not_the_chat(cluster, client):
         chat.proc.send_signal(signal.SIGINT)
         chat.wait_for(lambda out: "[stopped]" in out and out.count("you> ") == 2, "the answer to stop")
         wait_until(lambda: pipeline_idle(cluster), "every stage to free the request")
-        cancelled = coordinator_events(cluster, "request_cancelled")[-1]
+        cancelled = log_events(cluster, "coordinator", "request_cancelled")[-1]
         assert cancelled["tokens"] < 3000
 
         chat.send("and then?")  # the chat goes on, and remembers the cut answer
@@ -268,7 +247,7 @@ def test_chat_ctrl_c_stops_the_answer_not_the_chat(cluster, client):
         chat.send("/exit")
     finally:
         assert chat.close() == 0
-    first, second = coordinator_events(cluster, "request_submitted")[-2:]
+    first, second = log_events(cluster, "coordinator", "request_submitted")[-2:]
     assert second["prompt_tokens"] > first["prompt_tokens"] + cancelled["tokens"] // 2
 
 

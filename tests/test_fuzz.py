@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-import urllib.request
 import uuid
 
 import msgpack
@@ -21,11 +19,10 @@ import pytest
 import zmq
 
 from kimizmq import wire
-from kimizmq.local import LocalCluster, write_config
+from tests.support import complete_ids, log_events, running_cluster, wait_until
 
 N_TOKENS = 48
 REPLY_TIMEOUT_MS = 5000
-DEADLINE_S = 30.0
 PROMPT = [5, 17, 99, 230, 41, 7, 300, 12, 64, 8, 150, 77, 3, 201, 45, 11, 90, 33, 120, 6, 250, 19, 88, 140]
 
 
@@ -49,15 +46,6 @@ def nested_header(depth: int) -> bytes:
     """A release whose req is a list nested `depth` deep (too deep for msgpack's own packer)."""
     start = msgpack.packb({"v": wire.PROTOCOL_VERSION, "kind": "release", "tensors": []})
     return bytes([start[0] + 1]) + start[1:] + msgpack.packb("req") + b"\x91" * depth + b"\x90"
-
-
-def complete_ids(base: str, prompt: list[int], n: int) -> dict:
-    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 1, "ignore_eos": True}
-    req = urllib.request.Request(
-        base + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())["choices"][0]
 
 
 def malformed_anywhere() -> dict[str, list[bytes]]:
@@ -207,26 +195,9 @@ class Control:
         return msg.header["result"]
 
 
-def log_events(cluster: LocalCluster, daemon: str, event: str) -> list[dict]:
-    path = cluster.log_dir / f"{daemon}.jsonl"
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [e for e in lines if e.get("event") == event]
-
-
-def wait_for(check, what: str, timeout: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def cluster(tiny_model, tmp_path_factory):
-    cfg = write_config(tmp_path_factory.mktemp("fuzz") / "kimi.toml", tiny_model, 2)
-    with LocalCluster(cfg) as c:
-        yield c
+    yield from running_cluster(tmp_path_factory.mktemp("fuzz"), tiny_model, 2)
 
 
 class Requests(threading.Thread):
@@ -270,7 +241,11 @@ def test_every_socket_refuses_malformed_frames_while_a_request_runs(cluster, tin
     runner.start()
     try:
         # A request is in flight on both stages before the first bad frame.
-        wait_for(lambda: all(c.call("stats")["active_requests"] for c in controls.values()), "a running request")
+        wait_until(
+            lambda: all(c.call("stats")["active_requests"] for c in controls.values()),
+            "a running request",
+            interval=0.02,
+        )
         expected_bad = {}
         expected_stage = {}
         for w, first in ((w0, True), (w1, False)):
@@ -343,9 +318,11 @@ def test_every_socket_refuses_malformed_frames_while_a_request_runs(cluster, tin
             coord = len(log_events(cluster, "coordinator", "bad_result_message")) - coord_bad_before
             return (stats, coord) if done and coord >= len(result_bad) else None
 
-        after, coord_bad = wait_for(counted, "every bad message to be counted")
+        after, coord_bad = wait_until(counted, "every bad message to be counted", interval=0.02)
         fuzzing_done = len(runner.results)
-        wait_for(lambda: len(runner.results) > fuzzing_done or runner.errors, "a request after the fuzzing")
+        wait_until(
+            lambda: len(runner.results) > fuzzing_done or runner.errors, "a request after the fuzzing", interval=0.02
+        )
     finally:
         runner.stop.set()
         runner.join(120)

@@ -3,14 +3,12 @@ back later (429); nothing hangs, and afterwards no stage holds a cache."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 
 from kimizmq.local import LocalCluster, write_config
+from tests.support import post_json, worker_stats
 
 CLIENTS = 10
 DURATION_S = 6.0
@@ -19,14 +17,7 @@ REQUEST_TIMEOUT_S = 60.0
 
 def one_request(base: str, i: int) -> tuple[int, dict]:
     body = {"prompt": [1 + i % 50, 2, 3, 4, 5], "max_tokens": 8 + i % 8, "temperature": 0, "ignore_eos": True}
-    req = urllib.request.Request(
-        base + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return post_json(base, "/v1/completions", body, timeout=REQUEST_TIMEOUT_S)
 
 
 def test_burst_beyond_capacity_completes_or_gets_429(tiny_model, tmp_path):
@@ -75,7 +66,6 @@ def test_a_stage_frees_a_request_nobody_drives(tiny_model, tmp_path):
     import zmq
 
     from kimizmq import wire
-    from tests.test_batching import worker_stats
 
     cfg = write_config(tmp_path / "kimi.toml", tiny_model, 1, runtime={"request_idle_timeout_s": 0.5})
     with LocalCluster(cfg) as cluster:
@@ -87,11 +77,11 @@ def test_a_stage_frees_a_request_nobody_drives(tiny_model, tmp_path):
             header = {"req": "orphan", "seq": 0, "offset": 0, "sample": False, "params": {}}
             push.send_multipart(wire.encode("forward", header, [mx.array([[1, 2, 3]], dtype=mx.int32)]))
             deadline = time.monotonic() + 5
-            while "orphan" not in worker_stats(w.control_address)["active_requests"]:
+            while "orphan" not in worker_stats(cluster.cfg)[w.name]["active_requests"]:
                 assert time.monotonic() < deadline, "the request never opened"
                 time.sleep(0.05)
             deadline = time.monotonic() + 15
-            while "orphan" in worker_stats(w.control_address)["active_requests"]:
+            while "orphan" in worker_stats(cluster.cfg)[w.name]["active_requests"]:
                 assert time.monotonic() < deadline, "the idle request was never freed"
                 time.sleep(0.1)
         finally:

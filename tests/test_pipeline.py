@@ -3,10 +3,8 @@ mlx-lm gives on the same model and dtype, over real processes and sockets."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import urllib.request
 
 import mlx.core as mx
 import numpy as np
@@ -15,6 +13,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
 from kimizmq.local import LocalCluster, write_config
+from tests.support import complete_ids
 
 N_TOKENS = 64
 PROMPT = [5, 17, 99, 230, 41, 7, 300, 12, 64, 8, 150, 77, 3, 201, 45, 11, 90, 33, 120, 6, 250, 19, 88, 140]
@@ -34,19 +33,6 @@ def reference_greedy(model_dir, prompt: list[int], n: int) -> tuple[list[int], l
         logprobs.append(float(lp[0, tok].item()))
         logits = model(mx.array([[tok]]), cache=cache)[:, -1, :]
     return tokens, logprobs
-
-
-def post(base: str, path: str, body: dict) -> dict:
-    req = urllib.request.Request(
-        base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())
-
-
-def complete_ids(base: str, prompt: list[int], n: int, **extra) -> dict:
-    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 1, "ignore_eos": True, **extra}
-    return post(base, "/v1/completions", body)["choices"][0]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from kimizmq.plan import (
     vm_stat_available_bytes,
 )
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parents[1] / "etc" / "reference"  # a copy of ../shared/reference
 KIMI_CONFIG = REFERENCE / "kimi-k2-instruct.config.json"
 KIMI = {"m3-ultra": 512, "m2-ultra": 192}
 STAGE_KEYS = {

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from kimizmq.local import LocalCluster, write_config
+from tests.support import log_events, running_cluster, wait_until
 
 PROMPT = [11, 22, 33, 44, 55, 66, 77, 88, 99, 111, 222, 333]
 N_TOKENS = 160
@@ -51,16 +52,6 @@ def stream_ids(base: str, n: int = N_TOKENS, on_chunk=None) -> tuple[list[int], 
     return ids, None
 
 
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def health_status(cluster: LocalCluster) -> str:
     try:
         return cluster.health()[1].get("status", "?")
@@ -70,9 +61,7 @@ def health_status(cluster: LocalCluster) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model, tmp_path_factory):
-    cfg = write_config(tmp_path_factory.mktemp("recovery") / "kimi.toml", tiny_model, 2, runtime=FAST_LIVENESS)
-    with LocalCluster(cfg) as c:
-        yield c
+    yield from running_cluster(tmp_path_factory.mktemp("recovery"), tiny_model, 2, runtime=FAST_LIVENESS)
 
 
 @pytest.fixture(scope="module")
@@ -84,22 +73,22 @@ def undisturbed(cluster):
 
 def test_kill_9_worker_mid_stream_then_restart_completes_identically(cluster, undisturbed):
     victim = cluster.workers["w1"]
-    replays = _events(cluster, "coordinator", "request_replayed")
+    replays = len(log_events(cluster, "coordinator", "request_replayed"))
 
     def on_chunk(i):
         if i == 20:
             victim.send_signal(signal.SIGSTOP)  # freeze it mid-generation, then kill it
             os.kill(victim.pid, signal.SIGKILL)
             victim.wait()
-            wait_for(lambda: health_status(cluster) == "degraded", 6, "the coordinator to notice")
+            wait_until(lambda: health_status(cluster) == "degraded", "the coordinator to notice", timeout=6)
             cluster.start_worker("w1")
 
     ids, err = stream_ids(cluster.api, on_chunk=on_chunk)
     assert err is None
     assert ids == undisturbed
-    assert _events(cluster, "coordinator", "request_replayed") == replays + 1
-    assert _events(cluster, "worker-w1", "load_started") == 2  # the first load, and the new process reloading
-    wait_for(lambda: health_status(cluster) == "ready", 30, "ready again")
+    assert len(log_events(cluster, "coordinator", "request_replayed")) == replays + 1
+    assert len(log_events(cluster, "worker-w1", "load_started")) == 2  # the first load, and the new process reloading
+    wait_until(lambda: health_status(cluster) == "ready", "ready again", timeout=30)
 
 
 def test_sigstop_sigcont_worker_mid_stream_completes_identically(cluster, undisturbed):
@@ -110,25 +99,22 @@ def test_sigstop_sigcont_worker_mid_stream_completes_identically(cluster, undist
         if i == 10:
             t0 = time.monotonic()
             victim.send_signal(signal.SIGSTOP)
-            wait_for(lambda: health_status(cluster) == "degraded", 6, "the coordinator to notice a hung worker")
+            wait_until(
+                lambda: health_status(cluster) == "degraded", "the coordinator to notice a hung worker", timeout=6
+            )
             noticed["s"] = time.monotonic() - t0
             victim.send_signal(signal.SIGCONT)
 
-    replays = _events(cluster, "coordinator", "request_replayed")
+    replays = len(log_events(cluster, "coordinator", "request_replayed"))
     ids, err = stream_ids(cluster.api, on_chunk=on_chunk)
     assert err is None
     assert ids == undisturbed
     assert noticed["s"] <= 5.5
-    assert _events(cluster, "coordinator", "request_replayed") == replays + 1
-
-
-def _events(cluster: LocalCluster, daemon: str, event: str) -> int:
-    text = (cluster.log_dir / f"{daemon}.jsonl").read_text()
-    return sum(1 for line in text.splitlines() if json.loads(line)["event"] == event)
+    assert len(log_events(cluster, "coordinator", "request_replayed")) == replays + 1
 
 
 def _loads(cluster: LocalCluster) -> dict[str, int]:
-    return {name: _events(cluster, f"worker-{name}", "load_started") for name in cluster.workers}
+    return {name: len(log_events(cluster, f"worker-{name}", "load_started")) for name in cluster.workers}
 
 
 def test_restarted_coordinator_adopts_loaded_workers(cluster, undisturbed):

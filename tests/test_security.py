@@ -10,13 +10,10 @@ next to those of a trusted peer sending the same.
 from __future__ import annotations
 
 import ast
-import json
 import os
 import stat
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -32,12 +29,12 @@ from kimizmq import security, wire
 from kimizmq.cli import main as kimi
 from kimizmq.config import load_config
 from kimizmq.local import LocalCluster, write_config
+from tests.support import greedy_body, log_events, post_json, wait_until
 
 API_KEY = "sk-test-0123456789"
 PROMPT = [5, 17, 99, 230, 41, 7, 300, 12, 64, 8, 150, 77]
 N_TOKENS = 16
 REFUSED_WAIT_MS = 1500  # a refused peer's reply would have come long before this
-DEADLINE_S = 30.0
 PACKAGE = Path(__file__).resolve().parent.parent / "kimizmq"
 
 
@@ -51,30 +48,7 @@ def kimi_keys(*args: str):
 
 
 def complete(base: str, n: int = N_TOKENS, key: str | None = API_KEY) -> tuple[int, dict]:
-    body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "logprobs": 1, "ignore_eos": True}
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(), headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def wait_for(check, what: str, timeout: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def log_events(cluster: LocalCluster, daemon: str, event: str) -> list[dict]:
-    lines = (cluster.log_dir / f"{daemon}.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, filter(None, lines)) if e.get("event") == event]
+    return post_json(base, "/v1/completions", greedy_body(PROMPT, n), api_key=key)
 
 
 @pytest.fixture(scope="module")
@@ -289,13 +263,15 @@ def test_a_peer_not_on_the_allow_list_cannot_send_or_command_anything(cluster, r
         # The same garbage from trusted peers is received, refused and counted ...
         trusted.push(w0.data_address, w0.name, GARBAGE)
         as_w1.push(cfg.coordinator.result_address, security.COORDINATOR, GARBAGE)
-        after = wait_for(
+        after = wait_until(
             lambda: (s := stats())[w0.name]["bad_messages"] > before[w0.name]["bad_messages"] and s,
             "the trusted peer's message to be counted",
+            interval=0.02,
         )
-        wait_for(
+        wait_until(
             lambda: len(log_events(cluster, "coordinator", "bad_result_message")) > coord_bad,
             "the coordinator to log the trusted peer's message",
+            interval=0.02,
         )
         # ... and nothing of the rogue's: one request more (the legitimate one), one bad message more (the trusted one).
         for w in (w0, w1):
