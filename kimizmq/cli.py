@@ -131,7 +131,11 @@ def demo_command(workers, max_tokens, work_dir, text):
         health = cluster.health()[1]
         for s in health["stages"]:
             click.echo(f"  {s['worker']}: layers [{s['start']}, {s['end']})", err=True)
-        click.echo(f"ready at {cluster.api}; streaming a completion:\n", err=True)
+        click.echo(
+            f"ready at {cluster.api}; streaming a greedy completion (random weights, so the text is noise;"
+            " the same code path runs Kimi-K2):\n",
+            err=True,
+        )
         cfg = _config(str(cfg_path))
         _run(
             stream_completion(
