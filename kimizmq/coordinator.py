@@ -436,9 +436,17 @@ class Engine:
         req.seq += 1
         if req.stop_on_eos and token in self.tokenizer.eos_token_ids:
             req.finish_reason = "stop"
-            delta = req.detok.finalize()
-        else:
-            delta = req.detok.add_token(token)
+        elif len(req.tokens) >= req.max_tokens:
+            req.finish_reason = "length"
+        elif not req.paused:
+            # The next step goes out before the text is worked out, so the
+            # stages compute while this process detokenizes. A stop string
+            # found below wastes that one step; its token arrives for a request
+            # that is gone and is dropped.
+            await self._send_step(req)
+        delta = req.detok.add_token(token) if req.finish_reason != "stop" else ""
+        if req.finish_reason is not None:
+            delta += req.detok.finalize()
         req.text += delta
         cut = None
         if req.stop:
@@ -447,9 +455,6 @@ class Engine:
             if hits:
                 cut = min(hits)
                 req.finish_reason = "stop"
-        if req.finish_reason is None and len(req.tokens) >= req.max_tokens:
-            req.finish_reason = "length"
-            req.text += req.detok.finalize()
         if cut is not None:
             upto = cut
         elif req.finish_reason is not None:
@@ -464,8 +469,6 @@ class Engine:
         if req.finish_reason is not None:
             logger.info("request_finished", reason=req.finish_reason, tokens=len(req.tokens), request_id=req.id)
             req.events.put_nowait(Event("done", finish_reason=req.finish_reason))
-        elif not req.paused:
-            await self._send_step(req)
 
     # -- status -------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
@@ -147,7 +148,8 @@ class Stage:
             if x.ndim != 2 or x.shape[0] != 1 or x.dtype != mx.int32:
                 raise StageError(f"first stage expects int32 token ids of shape (1, L), got {x.dtype} {x.shape}")
             vocab = self.shard.config.get("vocab_size")
-            if x.size and (int(mx.min(x).item()) < 0 or int(mx.max(x).item()) >= vocab):
+            ids = np.asarray(x)  # on the host already: no device round trip for a range check
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
                 raise StageError(f"token ids must be in 0..{vocab - 1}")
         else:
             hidden = self.shard.config["hidden_size"]

@@ -164,7 +164,16 @@ def test_logs_follow_one_request_through_every_daemon(cluster, client):
 
 def test_logs_of_one_request_are_merged_in_time_order(cluster, client):
     rid = client.completions.create(model=MODEL, prompt="merge me", max_tokens=5).id
-    code, out = kimi("logs", "--config", str(cluster.config_path), "--request", rid, "--json")
+    # The release travels the stages after the answer is out: wait for the last one.
+    args = ("logs", "--config", str(cluster.config_path), "--request", rid, "--json")
+    wait_until(
+        lambda: any(
+            e["event"] == "request_released" and e["daemon"] == "worker-w1"
+            for e in map(json.loads, kimi(*args)[1].splitlines())
+        ),
+        "the last stage's release",
+    )
+    code, out = kimi(*args)
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and lines and all(e["request_id"].split("~")[0] == rid for e in lines)
     assert {e["daemon"] for e in lines} == {"coordinator", "worker-w0", "worker-w1"}
