@@ -67,7 +67,8 @@ def test_goals_compare_the_rows_the_issue_names():
         _row("mlx-lm-ring", 2, "ttft", 5.0, prompt=4096),
     ]
     verdicts = {
-        goal.split(" ")[0] + goal.split(" ")[1]: (measured, met) for goal, measured, met in goals(rows, gpu=False)
+        goal.split(" ")[0] + goal.split(" ")[1]: (measured.split(" (")[0], met)
+        for goal, measured, met in goals(rows, gpu=False)
     }
     assert verdicts["decodec=1,"] == ("0.95 x", True)
     assert verdicts["aggregatec=8"] == ("1.60 x", False)
