@@ -8,7 +8,7 @@ outside the slice are never read from disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +132,23 @@ def load_shard(
     """Load layers [start, end) of the checkpoint at `model_dir`.
 
     `progress(done_bytes, total_bytes)` is called as layers are read."""
+    loading = iter_load_shard(model_dir, start, end, dtype=dtype)
+    while True:
+        try:
+            done, total = next(loading)
+        except StopIteration as finished:
+            return finished.value
+        if progress is not None:
+            progress(done, total)
+
+
+def iter_load_shard(
+    model_dir: str | Path, start: int, end: int, *, dtype: str = "auto"
+) -> Generator[tuple[int, int], None, Shard]:
+    """`load_shard` a module at a time: yields (done_bytes, total_bytes) after
+    each one is read and returns the Shard. A daemon runs it on its own loop's
+    thread between messages: MLX arrays and streams belong to the thread that
+    made them (on CUDA, evaluating another thread's arrays is not safe)."""
     model_dir = Path(model_dir)
     try:
         config = load_config(model_dir)
@@ -190,8 +207,7 @@ def load_shard(
         except (RuntimeError, ValueError) as e:
             raise ShardError(f"{model_dir}: reading weights failed: {e}") from None
         done += size
-        if progress is not None:
-            progress(total * done // sum(sizes), total)
+        yield total * done // sum(sizes), total
     # Constants the modules made for themselves (rope frequencies, ...) too.
     mx.eval([v for _, v in tree_flatten(model) if isinstance(v, mx.array)])
     return Shard(model, config, start, end, first, last, nbytes=total)

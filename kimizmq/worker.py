@@ -1,13 +1,14 @@
 """kimi-worker: one daemon per Mac, holding one contiguous range of layers.
 
-Sockets (all created and configured in `WorkerSockets`):
+Sockets (created and configured in `Worker.__init__` and `Worker._connect`):
   control  REP   bound    commands from the coordinator (ping, health, load, ...)
   data     PULL  bound    token ids / activations from the previous stage
   next     PUSH  connect  activations to the next stage, or tokens to the coordinator
   report   PUSH  connect  errors for the coordinator, from any stage
 
-The loop reads top to bottom: poll with a timeout, answer a command, run one
-data message, repeat. Loading runs on a thread so health keeps answering.
+The loop reads top to bottom: poll with a timeout, answer a command, run the
+waiting data messages, read one more module of a load in progress, repeat:
+loading shares the loop (and its thread, as MLX wants) so health keeps answering.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import click
@@ -27,7 +28,7 @@ from . import log, security, wire
 from .checkpoint import CheckpointError, read_config, stage_tensor_names, tensor_index
 from .config import Config, ConfigError, WorkerConfig, load_config
 from .plan import available_memory_bytes
-from .shard import ShardError, load_shard
+from .shard import ShardError, iter_load_shard
 from .stage import Stage, StageError, Step
 
 POLL_MS = 100
@@ -106,7 +107,7 @@ class Worker:
         self.spec: LoadSpec | None = None
         self.stage: Stage | None = None
         self.progress = {"done_bytes": 0, "total_bytes": 0, "rate_bytes_s": 0.0}
-        self.load_thread: threading.Thread | None = None
+        self.loader: Generator[None, None, None] | None = None  # a load in progress, run between messages
         self.started = time.time()
         self.counters = {"bad_messages": 0, "stage_errors": 0, "requests_started": 0, "tokens_sampled": 0, "loads": 0}
         self.running = True
@@ -128,11 +129,13 @@ class Worker:
         poller.register(self.data, zmq.POLLIN)
         logger.info("worker_started", control=self.me.control_address, data=self.me.data_address, pid=os.getpid())
         while self.running:
-            events = dict(poller.poll(POLL_MS))
+            events = dict(poller.poll(0 if self.loader is not None else POLL_MS))
             if self.control in events:
                 self.control.send_multipart(self.handle_command(self.control.recv_multipart(copy=False)))
             if self.data in events:
                 self.handle_data(*self._drain())
+            if self.loader is not None:
+                self._load_step()
             self._evict_idle()
         logger.info("worker_stopped")
 
@@ -234,8 +237,7 @@ class Worker:
         self.error = None
         self.counters["loads"] += 1
         self._connect(spec)
-        self.load_thread = threading.Thread(target=self._load, args=(spec,), daemon=True)
-        self.load_thread.start()
+        self.loader = self._load(spec)
         return self.cmd_health({})
 
     def cmd_unload(self, args: dict) -> dict:
@@ -278,7 +280,14 @@ class Worker:
             self.connected[attr] = address
             setattr(self, attr, sock)
 
-    def _load(self, spec: LoadSpec) -> None:
+    def _load_step(self) -> None:
+        """Read the next module of a load in progress."""
+        try:
+            next(self.loader)
+        except StopIteration:
+            self.loader = None
+
+    def _load(self, spec: LoadSpec) -> Generator[None, None, None]:
         model_dir = self.cfg.model_path
         t0 = time.monotonic()
         try:
@@ -296,12 +305,17 @@ class Worker:
                 "load_started", start=spec.start, end=spec.end, bytes=need - spec.reserve_bytes, model=str(model_dir)
             )
 
-            def progress(done: int, total: int) -> None:
+            loading = iter_load_shard(model_dir, spec.start, spec.end, dtype=spec.dtype)
+            while True:
+                try:
+                    done, total = next(loading)
+                except StopIteration as finished:
+                    shard = finished.value
+                    break
                 rate = done / max(time.monotonic() - t0, 1e-9)
                 self.progress = {"done_bytes": done, "total_bytes": total, "rate_bytes_s": rate}
                 logger.info("load_progress", done_bytes=done, total_bytes=total, rate_mb_s=round(rate / 1e6, 1))
-
-            shard = load_shard(model_dir, spec.start, spec.end, dtype=spec.dtype, progress=progress)
+                yield
             self.stage = Stage(shard, max_requests=spec.max_requests, max_context=spec.max_context)
             self.state = "ready"
             logger.info("load_finished", seconds=round(time.monotonic() - t0, 3), bytes=shard.nbytes)
