@@ -455,7 +455,7 @@ async def health(request: web.Request) -> web.Response:
     engine: Engine = app["engine"]
     workers = _workers(app)
     state = _cluster_state(engine, workers)
-    host = engine.cfg.coordinator.host
+    host = engine.cfg.coordinator.api_host
     body = {
         "status": state,
         "model": engine.cfg.model_name,
@@ -525,7 +525,7 @@ async def run_api(engine: Engine) -> web.AppRunner:
         make_app(engine), handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
     )
     await runner.setup()
-    site = web.TCPSite(runner, engine.cfg.coordinator.host, engine.cfg.coordinator.api_port)
+    site = web.TCPSite(runner, engine.cfg.coordinator.api_host, engine.cfg.coordinator.api_port)
     await site.start()
-    logger.info("api_listening", host=engine.cfg.coordinator.host, port=engine.cfg.coordinator.api_port)
+    logger.info("api_listening", host=engine.cfg.coordinator.api_host, port=engine.cfg.coordinator.api_port)
     return runner

@@ -29,8 +29,8 @@ def _config(path: str) -> Config:
 
 
 def _api(cfg: Config) -> str:
-    host = cfg.coordinator.host
-    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '*') else host}:{cfg.coordinator.api_port}"
+    host = cfg.coordinator.api_host
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '*', '::') else host}:{cfg.coordinator.api_port}"
 
 
 def _headers(cfg: Config) -> dict:

@@ -46,8 +46,9 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    host: str
+    host: str  # where workers send sampled tokens (the result socket binds here)
     ports: dict[str, int]
+    api_host: str = ""  # where the HTTP API listens; empty: the same as host
 
     # Address workers bind/connect for the coordinator's inbound token stream.
     @property
@@ -174,7 +175,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     host = _typed(coord, "host", str, f"{src} [coordinator]", "127.0.0.1")
     ports = dict(COORDINATOR_DEFAULT_PORTS)
     ports.update(_ports(coord, f"{src} [coordinator]"))
-    coordinator = CoordinatorConfig(host=host, ports=ports)
+    api_host = _typed(coord, "api_host", str, f"{src} [coordinator]", host)
+    coordinator = CoordinatorConfig(host=host, ports=ports, api_host=api_host)
 
     raw_workers = data.get("workers")
     if not isinstance(raw_workers, list) or not raw_workers:
