@@ -19,7 +19,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config
 
-from .checkpoint import CheckpointError, stage_tensor_names, tensor_index
+from .checkpoint import stage_tensor_names, tensor_index
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -213,4 +213,4 @@ def iter_load_shard(
     return Shard(model, config, start, end, first, last, nbytes=total)
 
 
-__all__ = ["Shard", "ShardError", "CheckpointError", "compute_dtype", "load_shard"]
+__all__ = ["Shard", "ShardError", "compute_dtype", "iter_load_shard", "load_shard"]
