@@ -452,17 +452,33 @@ def status_command(config_path, as_json):
 def logs_command(config_path, follow, request_id, level, daemons, lines, as_json, paths):
     """Show the daemons' logs, merged in time order.
 
-    Reads the log folder of the config and PATHS (log files or folders copied
-    from other machines). `--request ID` follows one request through the
-    coordinator and every stage."""
-    from .logs import LogReader, matcher, show
+    Reads the log folder of the config, the logs of workers on other machines
+    (over their control sockets) and PATHS (more log files or folders).
+    `--request ID` follows one request through the coordinator and every stage."""
+    from .logs import LogReader, RemoteLogs, matcher, show
+    from .security import SecurityError
 
     cfg = _config(config_path)
-    reader = LogReader([cfg.log_dir, *paths])
+    try:
+        remote = RemoteLogs(cfg, cfg.log_dir / "remote")
+    except SecurityError as e:
+        raise click.ClickException(f"cannot read the workers' logs over the network: {e}") from None
+    remote.refresh()
+    for problem in remote.errors.values():
+        click.echo(f"warning: {problem}", err=True)
+    reader = LogReader([cfg.log_dir, cfg.log_dir / "remote", *paths])
     if not reader.files() and not follow:
-        raise click.ClickException(f"no logs in {cfg.log_dir}: has a daemon of this config run on this machine?")
+        raise click.ClickException(f"no logs in {cfg.log_dir} and no worker answered: is the cluster running?")
     with contextlib.suppress(KeyboardInterrupt):  # how following ends
-        show(reader, matcher(request_id, level, daemons), click.echo, as_json=as_json, last=lines, follow=follow)
+        show(
+            reader,
+            matcher(request_id, level, daemons),
+            click.echo,
+            as_json=as_json,
+            last=lines,
+            follow=follow,
+            refresh=remote.refresh,
+        )
 
 
 main.add_command(plan_command, "plan")

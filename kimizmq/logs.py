@@ -2,9 +2,9 @@
 
 Every daemon writes `<log dir>/<daemon>.jsonl` (see log.py), and every line
 carries timestamp, level, event, daemon and request_id: merged, they follow one
-request through the coordinator and every stage. Daemons of other Macs write on
-their own disks; copy or mount their files into one folder, or pass them as
-extra paths.
+request through the coordinator and every stage. A worker on another Mac writes
+on its own disk: `RemoteLogs` copies its new lines here over its control socket
+(the `logs` command, CURVE when configured) into `<log dir>/remote/`.
 """
 
 from __future__ import annotations
@@ -119,6 +119,64 @@ class LogReader:
         return heapq.merge(*(self._entries(p) for p in self.files()))
 
 
+class RemoteLogs:
+    """Mirrors the logs of the workers whose files are not on this machine
+    into `dest`, a chunk of complete lines per control request."""
+
+    MAX_CALLS = 64  # per worker and refresh: a huge backlog comes over several refreshes
+    TIMEOUT_MS = 2000
+
+    def __init__(self, cfg, dest: Path):
+        from . import security
+
+        self.cfg = cfg
+        self.dest = dest
+        self.workers = [w for w in cfg.workers if not (cfg.log_dir / f"worker-{w.name}{LOG_SUFFIX}").exists()]
+        self.curve = security.Curve.for_daemon(cfg, security.COORDINATOR, peers=tuple(w.name for w in cfg.workers))
+        self.offsets: dict[str, int] = {}
+        self.errors: dict[str, str] = {}
+
+    def refresh(self) -> None:
+        import zmq
+
+        from . import wire
+
+        if not self.workers:
+            return
+        self.dest.mkdir(parents=True, exist_ok=True)
+        ctx = zmq.Context.instance()
+        for w in self.workers:
+            mirror = self.dest / f"worker-{w.name}{LOG_SUFFIX}"
+            offset = self.offsets.get(w.name, mirror.stat().st_size if mirror.exists() else 0)
+            sock = ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVTIMEO, self.TIMEOUT_MS)
+            sock.setsockopt(zmq.SNDTIMEO, self.TIMEOUT_MS)
+            if self.curve is not None:
+                self.curve.client(sock, w.name)
+            try:
+                sock.connect(w.control_address)
+                for i in range(self.MAX_CALLS):
+                    sock.send_multipart(
+                        wire.encode("command", {"cmd": "logs", "id": f"logs-{i}", "args": {"offset": offset}})
+                    )
+                    reply = wire.decode(sock.recv_multipart())
+                    if reply.kind != "reply" or not reply.header["ok"]:
+                        raise wire.WireError(reply.header.get("error", "refused"))
+                    r = reply.header["result"]
+                    with mirror.open("w" if r["reset"] else "a", encoding="utf-8") as f:
+                        f.write(r["data"])
+                    offset = r["offset"]
+                    if not r["data"] or offset >= r["size"]:
+                        break
+                self.errors.pop(w.name, None)
+            except (zmq.ZMQError, wire.WireError, KeyError, TypeError) as e:
+                self.errors[w.name] = f"cannot read worker {w.name}'s log at {w.control_address}: {e}"
+            finally:
+                sock.close()
+            self.offsets[w.name] = offset
+
+
 def matcher(request_id: str | None, level: str | None, daemons: tuple[str, ...] = ()) -> Callable[[Entry], bool]:
     """A filter: one request (also its replays, `ID~n` on the stages), a
     lowest level, some daemons."""
@@ -173,6 +231,7 @@ def show(
     last: int | None = None,
     follow: bool = False,
     poll_s: float = FOLLOW_POLL_S,
+    refresh: Callable[[], None] = lambda: None,
 ) -> None:
     """Print what is there (the last `last` lines of it), then, following,
     what comes, until interrupted."""
@@ -180,12 +239,15 @@ def show(
     def emit(e: Entry) -> None:
         echo(e.raw if as_json else format_entry(e))
 
+    refresh()
+
     now = (e for e in reader.read() if match(e))
     for e in deque(now, maxlen=last) if last is not None else now:
         emit(e)
     pending: list[tuple[float, Entry]] = []  # (arrival, entry)
     while follow:
         time.sleep(poll_s)
+        refresh()
         arrived = time.monotonic()
         pending += [(arrived, e) for e in reader.read() if match(e)]
         ready = sorted(e for t, e in pending if arrived - t >= FOLLOW_REORDER_S)

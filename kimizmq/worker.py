@@ -34,6 +34,7 @@ from .stage import Stage, StageError, Step
 POLL_MS = 100
 MAX_BATCH = 16  # data messages taken per loop round
 EVICT_SWEEP_S = 5.0  # how often idle requests are looked for
+LOG_CHUNK_BYTES = 48 * 1024  # of log per `logs` reply: a reply header stays under 64 KiB
 SEND_TIMEOUT_MS = 5000
 DATA_HWM = 64
 LOAD_MARGIN_BYTES = 1 << 30  # beyond the shard's own bytes when the load names no reserve
@@ -251,6 +252,31 @@ class Worker:
         if not isinstance(req, str):
             raise ValueError("release needs req")
         return {"released": bool(self.stage and self.stage.release(req))}
+
+    def cmd_logs(self, args: dict) -> dict:
+        """Complete lines of this worker's log from byte `offset` on, at most
+        LOG_CHUNK_BYTES of them: how `kimi logs` on another Mac reads it."""
+        offset = args.get("offset", 0)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError("logs: offset must be an integer >= 0")
+        path = log.log_path(self.cfg.log_dir, f"worker-{self.me.name}")
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                reset = offset > size  # the file was replaced: start over
+                f.seek(0 if reset else offset)
+                chunk = f.read(LOG_CHUNK_BYTES)
+        except FileNotFoundError:
+            return {"data": "", "offset": 0, "size": 0, "reset": offset > 0}
+        # Whole lines only, unless one line is longer than a chunk.
+        complete = chunk[: chunk.rfind(b"\n") + 1] or (chunk if len(chunk) == LOG_CHUNK_BYTES else b"")
+        start = 0 if reset else offset
+        return {
+            "data": complete.decode("utf-8", "replace"),
+            "offset": start + len(complete),
+            "size": size,
+            "reset": reset,
+        }
 
     def cmd_shutdown(self, args: dict) -> dict:
         self.running = False

@@ -18,6 +18,7 @@ import zmq
 from click.testing import CliRunner
 
 from kimizmq.cli import format_status, main
+from kimizmq.config import load_config
 from tests.support import log_events, running_cluster, wait_until
 
 MODEL = "kimi-k2-tiny"
@@ -261,6 +262,28 @@ def test_chat_ctrl_c_stops_the_answer_not_the_chat(cluster, client):
 
 
 # -- last: the cluster loses a worker, then its coordinator ------------------------------
+
+
+def test_logs_of_workers_on_other_machines_come_over_their_control_sockets(cluster, client, tmp_path):
+    # The same cluster seen from a machine whose log folder holds none of its files.
+    elsewhere = tmp_path / "kimi.toml"
+    text = cluster.config_path.read_text()
+    elsewhere.write_text(text.replace(json.dumps(str(cluster.log_dir)), json.dumps(str(tmp_path / "log"))))
+    assert load_config(elsewhere).log_dir == tmp_path / "log"
+    rid = client.completions.create(model=MODEL, prompt="far away", max_tokens=3).id
+    args = ("logs", "--config", str(elsewhere), "--request", rid, "--json")
+    out = wait_until(
+        lambda: (
+            (o := kimi(*args)[1])
+            and {json.loads(line)["daemon"] for line in o.splitlines()} >= {"worker-w0", "worker-w1"}
+            and o
+        ),
+        "both workers' lines of the request",
+    )
+    assert "coordinator" not in {json.loads(line)["daemon"] for line in out.splitlines()}  # its file is not here
+    mirrored = (tmp_path / "log" / "remote" / "worker-w0.jsonl").read_text().splitlines()
+    local = (cluster.log_dir / "worker-w0.jsonl").read_text().splitlines()
+    assert mirrored == local[: len(mirrored)] and len(mirrored) >= 5  # an exact copy, line for line
 
 
 def test_status_when_a_worker_and_then_the_coordinator_are_down(cluster):
