@@ -427,32 +427,17 @@ def _mlx_lm_process(spec_path: str) -> int:
 
 def _worker_stats(cfg) -> dict[str, tuple[int, float]] | None:
     """Each worker's (forwards, compute_s) from its control socket; None if unavailable."""
-    import zmq
-
-    from . import wire
+    from .control import ControlError, ControlTimeout, call_once
 
     if getattr(getattr(cfg, "security", None), "curve_dir", None):
         return None
-    ctx = zmq.Context()
     out = {}
-    try:
-        for w in cfg.workers:
-            s = ctx.socket(zmq.REQ)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.RCVTIMEO, STATS_TIMEOUT_MS)
-            s.setsockopt(zmq.SNDTIMEO, STATS_TIMEOUT_MS)
-            try:
-                s.connect(w.control_address)
-                s.send_multipart(wire.encode("command", {"cmd": "stats", "id": "bench"}))
-                reply = wire.decode(s.recv_multipart()).header
-                result = reply.get("result") or {}
-                out[w.name] = (int(result["forwards"]), float(result["compute_s"]))
-            except (zmq.ZMQError, wire.WireError, KeyError, TypeError, ValueError):
-                return None
-            finally:
-                s.close(linger=0)
-    finally:
-        ctx.term()
+    for w in cfg.workers:
+        try:
+            result = call_once(w.control_address, "stats", timeout_s=STATS_TIMEOUT_MS / 1000, name=w.name)
+            out[w.name] = (int(result["forwards"]), float(result["compute_s"]))
+        except (ControlError, ControlTimeout, KeyError, TypeError, ValueError):
+            return None
     return out
 
 

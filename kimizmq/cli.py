@@ -153,10 +153,6 @@ def _rows(table: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)
 
 
-def _fmt_gb(b) -> str:
-    return f"{b / 1e9:.2f}" if isinstance(b, (int, float)) else "-"
-
-
 @main.command("keys")
 @config_option
 @click.option("--name", help="make the keypair of this daemon: coordinator, or a worker's name")

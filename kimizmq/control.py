@@ -26,6 +26,41 @@ class ControlTimeout(TimeoutError):
     """No answer within the deadline."""
 
 
+def call_once(
+    address: str,
+    cmd: str,
+    args: dict | None = None,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    secure=None,
+    name: str = "",
+) -> dict:
+    """One command on a fresh blocking REQ socket, for tools outside an event
+    loop (`kimi logs`, `kimi bench`); `secure(sock, name)` sets up CURVE."""
+    header = {"cmd": cmd, "id": f"{cmd}-once"}
+    if args:
+        header["args"] = args
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+    sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+    try:
+        if secure is not None:
+            secure(sock, name)
+        sock.connect(address)
+        sock.send_multipart(wire.encode("command", header))
+        msg = wire.decode(sock.recv_multipart())
+    except zmq.Again:
+        raise ControlTimeout(f"worker {name} ({address}) did not answer {cmd} within {timeout_s:g} s") from None
+    except (wire.WireError, zmq.ZMQError) as e:
+        raise ControlError(f"worker {name} ({address}): bad reply to {cmd}: {e}") from None
+    finally:
+        sock.close()
+    if msg.kind != "reply" or not msg.header["ok"]:
+        raise ControlError(f"worker {name}: {msg.header.get('error', 'refused')}")
+    return msg.header.get("result") or {}
+
+
 class ControlClient:
     def __init__(self, ctx: zmq.asyncio.Context, name: str, address: str, secure=None):
         self.ctx = ctx

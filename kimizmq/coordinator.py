@@ -472,10 +472,10 @@ class Engine:
 
     # -- status -------------------------------------------------------------------------
 
-    async def refresh_workers(self, timeout: float = 2.0, cmd: str = "stats") -> dict[str, dict]:
+    async def refresh_workers(self, timeout: float) -> dict[str, dict]:
         async def one(name: str) -> None:
             try:
-                h = await self.control[name].call(cmd, timeout=timeout)
+                h = await self.control[name].call("stats", timeout=timeout)
                 h["up"] = True
             except (ControlTimeout, ControlError) as e:
                 h = {"state": "down", "up": False, "error": str(e)}

@@ -124,7 +124,7 @@ class RemoteLogs:
     into `dest`, a chunk of complete lines per control request."""
 
     MAX_CALLS = 64  # per worker and refresh: a huge backlog comes over several refreshes
-    TIMEOUT_MS = 2000
+    TIMEOUT_S = 2.0
 
     def __init__(self, cfg, dest: Path):
         from . import security
@@ -137,43 +137,33 @@ class RemoteLogs:
         self.errors: dict[str, str] = {}
 
     def refresh(self) -> None:
-        import zmq
-
-        from . import wire
+        from .control import ControlError, ControlTimeout, call_once
 
         if not self.workers:
             return
         self.dest.mkdir(parents=True, exist_ok=True)
-        ctx = zmq.Context.instance()
+        secure = self.curve.client if self.curve is not None else None
         for w in self.workers:
             mirror = self.dest / f"worker-{w.name}{LOG_SUFFIX}"
             offset = self.offsets.get(w.name, mirror.stat().st_size if mirror.exists() else 0)
-            sock = ctx.socket(zmq.REQ)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVTIMEO, self.TIMEOUT_MS)
-            sock.setsockopt(zmq.SNDTIMEO, self.TIMEOUT_MS)
-            if self.curve is not None:
-                self.curve.client(sock, w.name)
             try:
-                sock.connect(w.control_address)
-                for i in range(self.MAX_CALLS):
-                    sock.send_multipart(
-                        wire.encode("command", {"cmd": "logs", "id": f"logs-{i}", "args": {"offset": offset}})
+                for _ in range(self.MAX_CALLS):
+                    r = call_once(
+                        w.control_address,
+                        "logs",
+                        {"offset": offset},
+                        timeout_s=self.TIMEOUT_S,
+                        secure=secure,
+                        name=w.name,
                     )
-                    reply = wire.decode(sock.recv_multipart())
-                    if reply.kind != "reply" or not reply.header["ok"]:
-                        raise wire.WireError(reply.header.get("error", "refused"))
-                    r = reply.header["result"]
                     with mirror.open("w" if r["reset"] else "a", encoding="utf-8") as f:
                         f.write(r["data"])
                     offset = r["offset"]
                     if not r["data"] or offset >= r["size"]:
                         break
                 self.errors.pop(w.name, None)
-            except (zmq.ZMQError, wire.WireError, KeyError, TypeError) as e:
+            except (ControlError, ControlTimeout, KeyError, TypeError) as e:
                 self.errors[w.name] = f"cannot read worker {w.name}'s log at {w.control_address}: {e}"
-            finally:
-                sock.close()
             self.offsets[w.name] = offset
 
 
