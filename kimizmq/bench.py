@@ -18,7 +18,8 @@ Metrics, one JSON row each (`Row`):
   ttft       time to first token for a prompt of `prompt_tokens` tokens
   hop_us     per-hop overhead of a decode step: kimizmq, the step time not spent
              computing in a stage (the workers' own counters) over its hops
-             (stages + 1: coordinator -> stage 0 -> ... -> coordinator); the mlx-lm
+             (stages: stage 0 -> ... -> last stage -> stage 0, the decode ring;
+             a single stage feeds itself in process, counted as one); the mlx-lm
              pipeline, its step time above single-process mlx-lm over 2 hops (the
              send between ranks and the all_gather back)
 
@@ -57,6 +58,7 @@ DEFAULT_SYSTEMS = ("mlx-lm", "kimizmq-1", "kimizmq-2", "kimizmq-3", "mlx-lm-ring
 NO_CHUNK = 1 << 20  # a prefill_chunk larger than any prompt: the prompt goes in one piece
 SYSTEM_TIMEOUT_S = 3600.0
 STATS_TIMEOUT_MS = 10_000
+SHARED_DEVICE_CACHE_GB = 2.0  # each worker's MLX buffer cache when workers share a GPU
 PIPELINE_HOPS = 2  # mlx-lm's pipeline: one send between the ranks, one all_gather back
 LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.argv[0] = 'mlx.launch'; main()"
 
@@ -516,7 +518,7 @@ async def _drive_kimizmq(
                 total_s = sum(after[w][1] - prefilled[w][1] for w in after)
                 steps = bc.decode_trials * (bc.decode_tokens - 1)
                 compute_ms = 1e3 * max(0.0, total_s - bc.decode_trials * prefill_s) / steps
-                hop_us = max(0.0, (1e3 / tps - compute_ms) * 1e3 / (stages + 1))
+                hop_us = max(0.0, (1e3 / tps - compute_ms) * 1e3 / stages)
             rows.append(
                 bc.row(
                     "kimizmq",
@@ -592,6 +594,8 @@ def _kimizmq_rows(bc: BenchConfig, stages: int, rows: list[Row], *, chunk: int |
         # a long unchunked prefill keeps a CPU worker busy for minutes: not a dead worker
         "liveness_timeout_s": 3600.0,
     }
+    if stages > max(bc.gpus, 1):  # workers share a device: no process may hoard freed memory
+        runtime["cache_limit_gb"] = SHARED_DEVICE_CACHE_GB
     cfg_path = write_config(work / "kimi.toml", bc.model, stages, runtime=runtime)
     worker_env = {f"w{i}": {"CUDA_VISIBLE_DEVICES": str(i % bc.gpus)} for i in range(stages)} if bc.gpus else {}
     cluster = _Cluster(cfg_path, worker_env, ready_timeout=bc.system_timeout_s)

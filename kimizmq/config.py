@@ -76,6 +76,9 @@ class RuntimeConfig:
     liveness_timeout_s: float = 4.0  # + one heartbeat interval: a dead or hung worker is noticed within 5 s
     recovery_timeout_s: float = 120.0  # in-flight requests wait this long for a lost worker
     request_idle_timeout_s: float = 600.0  # a stage frees a request's caches after this long unused
+    # Freed device memory each worker's MLX keeps for reuse; < 0: MLX's default
+    # (about all of it). Set it when several workers share one GPU.
+    cache_limit_gb: float = -1.0
 
 
 @dataclass(frozen=True)

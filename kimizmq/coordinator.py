@@ -79,18 +79,13 @@ class Request:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     detok: object = None
     replays: int = 0  # how often the pipeline lost it and it was replayed
-    paused: bool = False  # a stage is down: hold the next step until recovery
+    paused: bool = False  # a stage is down: replay it once every stage is back
 
     @property
     def wire_id(self) -> str:
         """The id the stages know: new after every replay, so anything still in
         flight from before a failure is recognisably stale."""
         return self.id if not self.replays else f"{self.id}~{self.replays}"
-
-    @property
-    def offset(self) -> int:
-        """Position of the next token to feed: prompt plus generated minus the one pending."""
-        return len(self.prompt) + len(self.tokens) - 1
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -163,7 +158,9 @@ class Engine:
             if i + 1 < len(stages)
             else self.cfg.coordinator.result_address
         )
+        last = {"first": self.workers[stages[0].worker].data_address} if i == len(stages) - 1 else {}
         return {
+            **last,  # the last stage feeds each sampled token back to the first
             "start": stages[i].start,
             "end": stages[i].end,
             "next": nxt,
@@ -284,6 +281,8 @@ class Engine:
         self.state = "ready"
         self.down_since = None
         for req in reqs:
+            if req.finish_reason is not None:  # finished while stages were down
+                continue
             await self._release_everywhere(req.wire_id)
             self.requests.pop(req.wire_id, None)
             req.replays += 1
@@ -372,9 +371,14 @@ class Engine:
             log.bind_request(None)
 
     async def _send_prompt(self, req: Request, ids: list[int]) -> None:
-        """Push `ids` from position 0 in chunks; the stages pipeline them and
-        the last chunk asks for a sample."""
+        """Push `ids` from position 0 in chunks; the stages pipeline them, the
+        last chunk asks for a sample, and the stages decode on their own from
+        there until `stop_at` tokens or an end-of-sequence token."""
         chunk = self.cfg.runtime.prefill_chunk
+        ring = {
+            "stop_at": len(req.prompt) + req.max_tokens,
+            "eos": sorted(self.tokenizer.eos_token_ids) if req.stop_on_eos else [],
+        }
         for start in range(0, len(ids), chunk):
             part = ids[start : start + chunk]
             header = {
@@ -383,12 +387,9 @@ class Engine:
                 "offset": start,
                 "sample": start + chunk >= len(ids),
                 "params": req.params,
+                **ring,
             }
             await self.push.send_multipart(wire.encode("forward", header, [mx.array([part], dtype=mx.int32)]))
-
-    async def _send_step(self, req: Request) -> None:
-        header = {"req": req.wire_id, "seq": req.seq, "offset": req.offset, "sample": True, "params": req.params}
-        await self.push.send_multipart(wire.encode("forward", header, [mx.array([[req.tokens[-1]]], dtype=mx.int32)]))
 
     async def _release(self, req: Request) -> None:
         await self.push.send_multipart(wire.encode("release", {"req": req.wire_id}))
@@ -411,7 +412,7 @@ class Engine:
                 logger.info("result_for_unknown_request", wire_id=msg.header["req"], kind=msg.kind)
                 continue
             if msg.kind == "token" and msg.header["seq"] == req.seq:
-                await self._on_token(req, msg.header)
+                self._on_token(req, msg.header)
             elif msg.kind == "error" and req.paused:
                 logger.warning("error_while_recovering", request_id=req.id, error=msg.header["message"])
             elif msg.kind == "error":
@@ -422,7 +423,7 @@ class Engine:
             else:
                 logger.warning("unexpected_result", request_id=req.id, kind=msg.kind)
 
-    async def _on_token(self, req: Request, h: dict) -> None:
+    def _on_token(self, req: Request, h: dict) -> None:
         now = time.monotonic()
         if req.first_token_at is None:
             req.first_token_at = now
@@ -438,12 +439,9 @@ class Engine:
             req.finish_reason = "stop"
         elif len(req.tokens) >= req.max_tokens:
             req.finish_reason = "length"
-        elif not req.paused:
-            # The next step goes out before the text is worked out, so the
-            # stages compute while this process detokenizes. A stop string
-            # found below wastes that one step; its token arrives for a request
-            # that is gone and is dropped.
-            await self._send_step(req)
+        # The stages already run the next step (the last one fed this token to
+        # the first). A stop string found below releases the request; the
+        # steps still on the ring are dropped there, their tokens here.
         delta = req.detok.add_token(token) if req.finish_reason != "stop" else ""
         if req.finish_reason is not None:
             delta += req.detok.finalize()

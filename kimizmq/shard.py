@@ -74,6 +74,10 @@ class Shard:
         mask = create_attention_mask(h, cache[0], return_array=True)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, cache=c)
+            # Start this layer now: the device computes it while Python builds
+            # the next one's graph (what mlx-lm's generate_step gets by building
+            # step n+1 while step n runs; a stage waits for its input instead).
+            mx.async_eval(h)
         if not (self.last and head):
             return h
         h = self.inner.norm(h[:, -1:, :])

@@ -45,7 +45,9 @@ _ENVELOPE = frozenset({"v", "kind", "tensors"})
 # Rules for a field of this name in every kind. Ids may be "": a worker replies
 # with id "" to a command it could not read.
 _ID_FIELDS = frozenset({"req", "id", "cmd"})  # at most MAX_ID_CHARS
-_COUNT_FIELDS = frozenset({"seq", "offset", "token"})  # non-negative
+_COUNT_FIELDS = frozenset({"seq", "offset", "token", "stop_at"})  # non-negative
+_ID_LIST_FIELDS = frozenset({"eos"})  # lists of non-negative ints, at most MAX_ID_LIST
+MAX_ID_LIST = 64
 
 FieldType = type | tuple[type, ...]
 TensorCheck = Callable[[str, list[int]], str | None]
@@ -84,6 +86,10 @@ SCHEMAS: dict[str, Schema] = {
     # data plane
     "forward": Schema(
         {"req": str, "seq": int, "offset": int, "sample": bool, "params": dict},
+        # The last stage feeds its sampled token straight back to the first
+        # stage until the sequence is `stop_at` tokens long or a token in `eos`
+        # comes out; without `stop_at` it only samples.
+        {"stop_at": int, "eos": list},
         tensors=1,
         check_tensor=_forward_tensor,
     ),
@@ -193,6 +199,10 @@ def _check_fields(kind: str, schema: Schema, fields: dict) -> None:
             raise WireError(f"{kind}: field {name!r} must be at most {MAX_ID_CHARS} characters, got {len(value)}")
         if name in _COUNT_FIELDS and value < 0:
             raise WireError(f"{kind}: field {name!r} must be non-negative, got {value}")
+        if name in _ID_LIST_FIELDS and (
+            len(value) > MAX_ID_LIST or not all(_type_ok(v, int) and v >= 0 for v in value)
+        ):
+            raise WireError(f"{kind}: field {name!r} must be a list of at most {MAX_ID_LIST} non-negative ints")
         if isinstance(value, dict) and not all(isinstance(k, str) for k in value):
             raise WireError(f"{kind}: field {name!r} must have str keys")
 

@@ -4,7 +4,16 @@ Sockets (created and configured in `Worker.__init__` and `Worker._connect`):
   control  REP   bound    commands from the coordinator (ping, health, load, ...)
   data     PULL  bound    token ids / activations from the previous stage
   next     PUSH  connect  activations to the next stage, or tokens to the coordinator
+  loop     PUSH  connect  last stage only: each sampled token, straight back to
+                          the first stage as the next decode step (a single
+                          stage keeps it in process)
   report   PUSH  connect  errors for the coordinator, from any stage
+
+Decode runs around the ring without the coordinator: the last stage samples,
+sends the token to stage 0 and, after that, to the coordinator, until the
+forward's `stop_at` length or one of its `eos` tokens. The coordinator only
+streams text, and ends a request early (stop string, client gone) by
+releasing it: steps still on the ring then find it gone and are dropped.
 
 The loop reads top to bottom: poll with a timeout, answer a command, run the
 waiting data messages, read one more module of a load in progress, repeat:
@@ -17,6 +26,7 @@ import os
 import signal
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -38,6 +48,7 @@ LOG_CHUNK_BYTES = 48 * 1024  # of log per `logs` reply: a reply header stays und
 SEND_TIMEOUT_MS = 5000
 DATA_HWM = 64
 LOAD_MARGIN_BYTES = 1 << 30  # beyond the shard's own bytes when the load names no reserve
+RELEASED_MEMORY = 4096  # released request ids remembered, so late ring steps drop quietly
 
 logger = log.get_logger()
 
@@ -48,6 +59,7 @@ class LoadSpec:
     end: int
     next_address: str
     report_address: str
+    first_address: str | None
     dtype: str
     max_requests: int
     max_context: int
@@ -61,6 +73,7 @@ class LoadSpec:
                 end=args["end"],
                 next_address=args["next"],
                 report_address=args.get("report", cfg.coordinator.result_address),
+                first_address=args.get("first"),
                 dtype=args.get("dtype", cfg.runtime.dtype),
                 max_requests=args.get("max_requests", cfg.runtime.max_concurrent),
                 max_context=args.get("max_context", cfg.runtime.max_context),
@@ -73,8 +86,12 @@ class LoadSpec:
             raise ValueError("load: start, end, max_requests and max_context must be integers")
         if not all(isinstance(v, str) for v in (spec.next_address, spec.report_address, spec.dtype)):
             raise ValueError("load: next, report and dtype must be strings")
-        if not spec.next_address.startswith("tcp://") or not spec.report_address.startswith("tcp://"):
-            raise ValueError("load: next and report must be tcp:// addresses")
+        if spec.first_address is not None and not isinstance(spec.first_address, str):
+            raise ValueError("load: first must be a string")
+        if not all(
+            a.startswith("tcp://") for a in (spec.next_address, spec.report_address, spec.first_address or "tcp://")
+        ):
+            raise ValueError("load: next, report and first must be tcp:// addresses")
         if not 0 <= spec.start < spec.end or spec.max_requests < 1 or spec.max_context < 1:
             raise ValueError("load: needs 0 <= start < end, max_requests >= 1 and max_context >= 1")
         return spec
@@ -101,7 +118,10 @@ class Worker:
         self.data.bind(me.data_address)
         self.next: zmq.Socket | None = None
         self.report: zmq.Socket | None = None
-        self.connected: dict[str, str] = {}  # "next"/"report" -> address
+        self.loop: zmq.Socket | None = None
+        self.connected: dict[str, str] = {}  # "next"/"report"/"loop" -> address
+        self.pending: list[wire.Message] = []  # decode steps a single stage fed itself
+        self.released: OrderedDict[str, None] = OrderedDict()
 
         self.state = "idle"  # idle | loading | ready | error
         self.error: str | None = None
@@ -110,14 +130,21 @@ class Worker:
         self.progress = {"done_bytes": 0, "total_bytes": 0, "rate_bytes_s": 0.0}
         self.loader: Generator[None, None, None] | None = None  # a load in progress, run between messages
         self.started = time.time()
-        self.counters = {"bad_messages": 0, "stage_errors": 0, "requests_started": 0, "tokens_sampled": 0, "loads": 0}
+        self.counters = {
+            "bad_messages": 0,
+            "stage_errors": 0,
+            "requests_started": 0,
+            "tokens_sampled": 0,
+            "loads": 0,
+            "dropped_after_release": 0,
+        }
         self.running = True
         self._last_sweep = time.monotonic()
 
     # -- lifecycle --------------------------------------------------------------
 
     def close(self) -> None:
-        for s in (self.control, self.data, self.next, self.report):
+        for s in (self.control, self.data, self.next, self.report, self.loop):
             if s is not None:
                 s.close(linger=0)
         if self.curve is not None:
@@ -130,11 +157,13 @@ class Worker:
         poller.register(self.data, zmq.POLLIN)
         logger.info("worker_started", control=self.me.control_address, data=self.me.data_address, pid=os.getpid())
         while self.running:
-            events = dict(poller.poll(0 if self.loader is not None else POLL_MS))
+            busy = self.loader is not None or self.pending
+            events = dict(poller.poll(0 if busy else POLL_MS))
             if self.control in events:
                 self.control.send_multipart(self.handle_command(self.control.recv_multipart(copy=False)))
-            if self.data in events:
-                self.handle_data(*self._drain())
+            if self.data in events or self.pending:
+                batch, self.pending = self.pending, []
+                self.handle_data(*batch, *(self._drain() if self.data in events else ()))
             if self.loader is not None:
                 self._load_step()
             self._evict_idle()
@@ -223,8 +252,9 @@ class Worker:
     def cmd_load(self, args: dict) -> dict:
         spec = LoadSpec.from_args(args, self.cfg)
         if self.curve is not None:  # a missing key refuses the load before anything changes
-            self.curve.server_key_at(spec.next_address)
-            self.curve.server_key_at(spec.report_address)
+            for address in (spec.next_address, spec.report_address, spec.first_address):
+                if address is not None:
+                    self.curve.server_key_at(address)
         same = self.spec is not None and (self.spec.start, self.spec.end) == (spec.start, spec.end)
         if same and self.state in ("loading", "ready"):
             # Idempotent: a repeated load (lost reply, restarted coordinator) keeps the shard.
@@ -251,7 +281,7 @@ class Worker:
         req = args.get("req")
         if not isinstance(req, str):
             raise ValueError("release needs req")
-        return {"released": bool(self.stage and self.stage.release(req))}
+        return {"released": self._forget(req)}
 
     def cmd_logs(self, args: dict) -> dict:
         """Complete lines of this worker's log from byte `offset` on, at most
@@ -285,17 +315,24 @@ class Worker:
     def _unload(self) -> None:
         self.stage = None
         self.spec = None
+        self.pending = []
         self.state = "idle"
         self.progress = {"done_bytes": 0, "total_bytes": 0, "rate_bytes_s": 0.0}
         mx.clear_cache()
 
     def _connect(self, spec: LoadSpec) -> None:
-        for attr, address in (("next", spec.next_address), ("report", spec.report_address)):
+        # A stage that is also the first feeds itself in process: no loop socket.
+        first = spec.first_address if spec.first_address != self.me.data_address else None
+        for attr, address in (("next", spec.next_address), ("report", spec.report_address), ("loop", first)):
             sock = getattr(self, attr)
             if sock is not None and self.connected.get(attr) == address:
                 continue
             if sock is not None:
                 sock.close(linger=0)
+                setattr(self, attr, None)
+                self.connected.pop(attr, None)
+            if address is None:
+                continue
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, DATA_HWM)
@@ -371,7 +408,7 @@ class Worker:
         group: list[wire.Message] = []
         for frames in batch:
             try:
-                msg = wire.decode(frames)
+                msg = frames if isinstance(frames, wire.Message) else wire.decode(frames)
             except wire.WireError as e:
                 self.counters["bad_messages"] += 1
                 logger.warning("bad_data_message", error=str(e))
@@ -392,11 +429,19 @@ class Worker:
 
     def _release(self, req: str) -> None:
         log.bind_request(req)
-        released = self.stage.release(req) if self.stage else False
+        released = self._forget(req)
         logger.info("request_released", had_cache=released)
         if self.spec and self.spec.end < self._n_layers():
             self._send(self.next, wire.encode("release", {"req": req}), "next")
         log.bind_request(None)
+
+    def _forget(self, req: str) -> bool:
+        """Free a request's cache; remember the id so its steps still on the
+        ring are dropped quietly. True if this stage held it."""
+        self.released[req] = None
+        while len(self.released) > RELEASED_MEMORY:
+            self.released.popitem(last=False)
+        return bool(self.stage and self.stage.release(req))
 
     def _n_layers(self) -> int:
         return self.stage.shard.config["num_hidden_layers"] if self.stage else 0
@@ -410,8 +455,13 @@ class Worker:
                 self._report_error(m.header["req"], f"not ready (state {self.state})")
             return
         steps = []
+        live = []
         for m in msgs:
             h = m.header
+            if h["req"] in self.released and h["offset"] > 0 and h["req"] not in stage.requests:
+                self.counters["dropped_after_release"] += 1  # a ring step that was on its way
+                continue
+            live.append(m)
             if h["offset"] == 0 and h["req"] not in stage.requests:
                 self.counters["requests_started"] += 1
                 logger.info(
@@ -420,6 +470,9 @@ class Worker:
                     tokens=m.tensors[0].shape[-2] if m.tensors[0].ndim > 1 else 0,
                 )
             steps.append(Step(h["req"], h["offset"], m.tensors[0], h["sample"], h["params"]))
+        msgs = live
+        if not msgs:
+            return
         try:
             results = stage.forward_many(steps)
         except Exception as e:  # noqa: BLE001 - a failed forward must not take the daemon down
@@ -433,14 +486,30 @@ class Worker:
                 self._report_error(h["req"], str(result))
                 log.bind_request(None)
             elif result.activations is not None:
-                header = {k: h[k] for k in ("req", "seq", "offset", "sample", "params")}
+                header = {k: h[k] for k in ("req", "seq", "offset", "sample", "params", "stop_at", "eos") if k in h}
                 self._send(self.next, wire.encode("forward", header, [result.activations]), "next")
             elif result.token is not None:
                 self.counters["tokens_sampled"] += 1
+                self._continue(h, m.tensors[0].shape[1], result.token)
                 out = {"req": h["req"], "seq": h["seq"], "token": result.token, "logprob": result.logprob}
                 if result.top_logprobs is not None:
                     out["top_logprobs"] = result.top_logprobs
                 self._send(self.next, wire.encode("token", out), "coordinator")
+
+    def _continue(self, h: dict, length: int, token: int) -> None:
+        """Last stage: feed the sampled token to the first stage as the next
+        decode step, unless the sequence is complete."""
+        position = h["offset"] + length  # where the sampled token sits
+        if "stop_at" not in h or position + 1 >= h["stop_at"] or token in h.get("eos", ()):
+            return
+        header = {**h, "seq": h["seq"] + 1, "offset": position, "sample": True}
+        ids = mx.array([[token]], dtype=mx.int32)
+        if self.stage is not None and self.stage.shard.first:
+            self.pending.append(wire.Message("forward", header, [ids]))
+        elif self.loop is not None:
+            self._send(self.loop, wire.encode("forward", header, [ids]), "first stage")
+        else:
+            self._report_error(h["req"], "cannot continue: the load named no first stage (load argument 'first')")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -455,6 +524,8 @@ def main(config_path: str, name: str, verbose: bool) -> None:
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     log.configure(f"worker-{name}", cfg.log_dir, verbose=verbose)
+    if cfg.runtime.cache_limit_gb >= 0:
+        mx.set_cache_limit(int(cfg.runtime.cache_limit_gb * 2**30))
     try:
         worker = Worker(cfg, me)
     except security.SecurityError as e:

@@ -3,8 +3,12 @@ mlx-lm gives on the same model and dtype, over real processes and sockets."""
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
+import threading
+import urllib.request
 
 import mlx.core as mx
 import numpy as np
@@ -13,7 +17,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
 from kimizmq.local import LocalCluster, write_config
-from tests.support import complete_ids
+from tests.support import complete_ids, greedy_body, wait_until, worker_stats
 
 N_TOKENS = 64
 PROMPT = [5, 17, 99, 230, 41, 7, 300, 12, 64, 8, 150, 77, 3, 201, 45, 11, 90, 33, 120, 6, 250, 19, 88, 140]
@@ -107,3 +111,55 @@ def test_kimi_prompt_raw_streams_the_greedy_completion(tiny_model, reference, tm
     assert out.stdout.rstrip("\n") == expected["text"]
     ref_model_tokens, _ = reference_greedy(tiny_model, ids, 24)
     assert expected["logprobs"]["token_ids"][: len(ref_model_tokens)] == ref_model_tokens
+
+
+def test_decode_runs_around_the_ring_without_the_coordinator(tiny_model, reference, tmp_path):
+    """The last stage feeds each token straight to the first: with the
+    coordinator stopped (SIGSTOP) mid-request, the stages keep decoding; the
+    ring stops by itself at max_tokens; the answer still equals mlx-lm's."""
+    ref_tokens, _ = reference
+    cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2)
+    with LocalCluster(cfg) as cluster:
+        before = worker_stats(cluster.cfg)["w1"]["tokens_sampled"]
+        result: dict = {}
+        client = threading.Thread(target=lambda: result.update(complete_ids(cluster.api, PROMPT, N_TOKENS)))
+        client.start()
+        try:
+            wait_until(lambda: worker_stats(cluster.cfg)["w1"]["tokens_sampled"] > before, "the first token")
+            cluster.coordinator.send_signal(signal.SIGSTOP)
+            try:
+                # Every token of the request comes out while the coordinator sleeps.
+                wait_until(
+                    lambda: worker_stats(cluster.cfg)["w1"]["tokens_sampled"] - before == N_TOKENS,
+                    "the stages to finish the request on their own",
+                )
+            finally:
+                cluster.coordinator.send_signal(signal.SIGCONT)
+        finally:
+            client.join(timeout=120)
+        assert result["logprobs"]["token_ids"] == ref_tokens
+        after = worker_stats(cluster.cfg)
+        assert after["w1"]["tokens_sampled"] - before == N_TOKENS  # not one step past max_tokens
+        assert all(s["stage_errors"] == 0 and not s["active_requests"] for s in after.values()), after
+
+
+def test_steps_on_the_ring_after_a_stop_are_dropped_quietly(tiny_model, tmp_path):
+    """A request the coordinator ends early (here: a client gone mid-stream)
+    still has a step on the ring; the stages drop it, report no error, and free
+    every cache."""
+    cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2)
+    with LocalCluster(cfg) as cluster:
+        body = json.dumps({**greedy_body(PROMPT, 500), "stream": True}).encode()
+        req = urllib.request.Request(cluster.api + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as stream:
+            for _ in range(8):
+                stream.readline()
+        wait_until(
+            lambda: all(not s["active_requests"] for s in worker_stats(cluster.cfg).values()),
+            "every stage to free the request",
+        )
+        stats = worker_stats(cluster.cfg)
+        assert all(s["stage_errors"] == 0 and s["cache_bytes"] == 0 for s in stats.values()), stats
+        assert stats["w1"]["tokens_sampled"] < 500
+        # The stages still serve the next request exactly.
+        assert complete_ids(cluster.api, PROMPT, 8)["finish_reason"] == "length"

@@ -153,7 +153,7 @@ def test_curve_cluster_gives_the_same_greedy_tokens(cluster, reference):
     assert out["choices"][0]["logprobs"]["token_ids"] == reference
     for daemon, peers in (
         ("coordinator", {"w0", "w1"}),
-        ("worker-w0", {"coordinator"}),
+        ("worker-w0", {"coordinator", "w1"}),  # w1, the last stage, feeds decode steps back
         ("worker-w1", {"coordinator", "w0"}),
     ):
         assert {e["peer"] for e in log_events(cluster, daemon, "curve_peer_allowed")} == peers
