@@ -61,6 +61,16 @@ class Shard:
         return self.inner.layers[self.start : self.end]
 
     @property
+    def eval_per_layer(self) -> bool:
+        """Start each layer as soon as its graph is built, so the device computes
+        it while Python builds the next (mlx-lm's generate_step gets this overlap
+        by building step n+1 while step n runs; a stage waits for its input
+        instead). On the CPU a decode step of the test model gets 15 % faster; on
+        CUDA each evaluation costs ~0.4 ms and the Kimi-geometry model got 35 %
+        slower, so GPUs evaluate a stage's layers at once."""
+        return mx.default_device() == mx.cpu
+
+    @property
     def dtype(self) -> mx.Dtype:
         return self.inner.layers[self.start].input_layernorm.weight.dtype
 
@@ -72,12 +82,11 @@ class Shard:
         the last stage with `head`, the last position's logits."""
         h = self.inner.embed_tokens(x) if self.first else x.astype(self.dtype)
         mask = create_attention_mask(h, cache[0], return_array=True)
+        overlap = self.eval_per_layer
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, cache=c)
-            # Start this layer now: the device computes it while Python builds
-            # the next one's graph (what mlx-lm's generate_step gets by building
-            # step n+1 while step n runs; a stage waits for its input instead).
-            mx.async_eval(h)
+            if overlap:
+                mx.async_eval(h)
         if not (self.last and head):
             return h
         h = self.inner.norm(h[:, -1:, :])
