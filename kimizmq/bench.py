@@ -428,7 +428,7 @@ def _mlx_lm_process(spec_path: str) -> int:
 
 
 def _worker_stats(cfg) -> dict[str, tuple[int, float]] | None:
-    """Each worker's (forwards, compute_s) from its control socket; None if unavailable."""
+    """Each worker's (forwards, seconds computing decode steps) from its control socket; None if unavailable."""
     from .control import ControlError, ControlTimeout, call_once
 
     if getattr(getattr(cfg, "security", None), "curve_dir", None):
@@ -437,7 +437,7 @@ def _worker_stats(cfg) -> dict[str, tuple[int, float]] | None:
     for w in cfg.workers:
         try:
             result = call_once(w.control_address, "stats", timeout_s=STATS_TIMEOUT_MS / 1000, name=w.name)
-            out[w.name] = (int(result["forwards"]), float(result["compute_s"]))
+            out[w.name] = (int(result["forwards"]), float(result["decode_compute_s"]))
         except (ControlError, ControlTimeout, KeyError, TypeError, ValueError):
             return None
     return out
@@ -500,10 +500,7 @@ async def _drive_kimizmq(
 
         await one(prompt_ids(DECODE_PROMPT_TOKENS, 0), min(16, bc.decode_tokens))  # warm up
         if not only_ttft:
-            # The stages' compute of a prompt alone, to take out of the decode trials' counters.
             before = _worker_stats(cfg)
-            await one(prompt_ids(DECODE_PROMPT_TOKENS, 1), 1)
-            prefilled = _worker_stats(cfg)
             rates = []
             for trial in range(bc.decode_trials):
                 _, times, _ = await one(prompt_ids(DECODE_PROMPT_TOKENS, 1 + trial), bc.decode_tokens)
@@ -513,11 +510,11 @@ async def _drive_kimizmq(
             after = _worker_stats(cfg)
             tps = _median(rates)
             compute_ms = hop_us = None
-            if before and prefilled and after:
-                prefill_s = sum(prefilled[w][1] - before[w][1] for w in after)
-                total_s = sum(after[w][1] - prefilled[w][1] for w in after)
+            if before and after:
+                # The stages' own time in one-token passes (a prompt's pass is not one).
+                total_s = sum(after[w][1] - before[w][1] for w in after)
                 steps = bc.decode_trials * (bc.decode_tokens - 1)
-                compute_ms = 1e3 * max(0.0, total_s - bc.decode_trials * prefill_s) / steps
+                compute_ms = 1e3 * total_s / steps
                 hop_us = max(0.0, (1e3 / tps - compute_ms) * 1e3 / stages)
             rows.append(
                 bc.row(
@@ -906,7 +903,11 @@ def _report(rows: list[Row], json_path: Path, *, gpu: bool, draw: bool) -> None:
 @click.option("--nochunk-prompt", type=click.IntRange(0), help="prompt for kimizmq-2 unchunked (0: skip)")
 @click.option("--prefill-chunk", type=click.IntRange(1), help="kimizmq's prefill_chunk")
 @click.option("--gpus", type=click.IntRange(0), default=0, show_default=True, help="one worker / rank per GPU")
-@click.option("--pin/--no-pin", default=None, help="each worker / rank on its own CPU core (default: on, on CPU)")
+@click.option(
+    "--pin/--no-pin",
+    default=False,
+    help="each worker / rank on its own CPU core (off: a stage evaluates each layer while building the next, on a second core)",
+)
 @click.option(
     "--system-timeout", type=click.FloatRange(1), default=SYSTEM_TIMEOUT_S, show_default=True, help="seconds per system"
 )
@@ -954,7 +955,7 @@ def bench_command(
     bc = BenchConfig(model=model, model_label=label, systems=chosen, gpus=gpus, device=device, gpu=gpu)
     bc.system_timeout_s = system_timeout
     bc.dtype = "bfloat16 activations (the checkpoint's)" if gpu else "float32"
-    bc.pin = (not gpu and os.cpu_count() is not None and len(_cores()) >= 2) if pin is None else pin
+    bc.pin = bool(pin)
     if quick:
         bc.decode_tokens, bc.decode_trials = 48, 2
         bc.aggregate_tokens = 32

@@ -446,7 +446,7 @@ def check_stage_memory(stage: StageAssignment, available: int | None = None) -> 
     need = stage.weight_bytes + stage.reserved_bytes
     if need > available:
         raise PlanError(
-            f"worker {stage.worker!r} needs {_gib(need)} for {_layers_phrase(stage)} "
+            f"not enough free memory: worker {stage.worker!r} needs {_gib(need)} for {_layers_phrase(stage)} "
             f"({_gib(stage.weight_bytes)} weights + {_gib(stage.reserved_bytes)} reserved) "
             f"but only {_gib(available)} is free now ({_gib(need - available)} short); "
             "close other programs or give this worker fewer layers"

@@ -137,6 +137,7 @@ class Stage:
         self.max_context = max_context
         self.requests: dict[str, RequestState] = {}
         self.compute_s = 0.0
+        self.decode_s = 0.0  # of compute_s, in passes of one token per request
         self.forwards = 0  # forward passes, a batched one counting once
         self.batched_forwards = 0
         self.batched_steps = 0  # requests served by batched passes
@@ -196,6 +197,8 @@ class Stage:
             mx.eval(out)  # also settles this chunk's cache updates
             result = ForwardResult(activations=None if self.shard.last else out)
         self.forwards += 1
+        if length == 1:
+            self.decode_s += time.perf_counter() - t0
         self._done(state, length, t0)
         return result
 
@@ -244,6 +247,7 @@ class Stage:
         for b, st in enumerate(states):
             st.cache = [c.extract(b) for c in caches]
         mx.eval([[c.keys, c.values] for st in states for c in st.cache])
+        self.decode_s += time.perf_counter() - t0
         self.forwards += 1
         self.batched_forwards += 1
         self.batched_steps += len(steps)

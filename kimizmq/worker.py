@@ -37,7 +37,7 @@ import zmq
 from . import log, security, wire
 from .checkpoint import CheckpointError, read_config, stage_tensor_names, tensor_index
 from .config import Config, ConfigError, WorkerConfig, load_config
-from .plan import available_memory_bytes
+from .plan import StageAssignment, available_memory_bytes, check_stage_memory
 from .shard import ShardError, iter_load_shard
 from .stage import Stage, StageError, Step
 
@@ -140,6 +140,10 @@ class Worker:
         }
         self.running = True
         self._last_sweep = time.monotonic()
+        self.cache_limit = None  # MLX's default
+        if cfg.runtime.cache_limit_gb >= 0:
+            self.cache_limit = int(cfg.runtime.cache_limit_gb * 2**30)
+            mx.set_cache_limit(self.cache_limit)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -155,7 +159,13 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.data, zmq.POLLIN)
-        logger.info("worker_started", control=self.me.control_address, data=self.me.data_address, pid=os.getpid())
+        logger.info(
+            "worker_started",
+            control=self.me.control_address,
+            data=self.me.data_address,
+            pid=os.getpid(),
+            cache_limit_bytes=self.cache_limit,
+        )
         while self.running:
             busy = self.loader is not None or self.pending
             events = dict(poller.poll(0 if busy else POLL_MS))
@@ -241,11 +251,13 @@ class Worker:
             forwards=stage.forwards if stage else 0,
             tokens_in=stage.tokens_in if stage else 0,
             compute_s=stage.compute_s if stage else 0.0,
+            decode_compute_s=stage.decode_s if stage else 0.0,
             batched_forwards=stage.batched_forwards if stage else 0,
             batched_steps=stage.batched_steps if stage else 0,
             cache_bytes=stage.cache_bytes() if stage else 0,
             weight_bytes=stage.shard.nbytes if stage else 0,
             peak_memory_bytes=mx.get_peak_memory(),
+            cache_memory_bytes=mx.get_cache_memory(),  # freed, kept for reuse (runtime.cache_limit_gb)
         )
         return out
 
@@ -357,16 +369,10 @@ class Worker:
             index = tensor_index(model_dir)
             n_layers = read_config(model_dir)["num_hidden_layers"]
             names = stage_tensor_names(index, spec.start, spec.end, first=spec.start == 0, last=spec.end == n_layers)
-            need = sum(index[n].nbytes for n in names) + spec.reserve_bytes
-            free = available_memory_bytes()
-            if need > free:
-                raise ShardError(
-                    f"not enough free memory for layers [{spec.start}, {spec.end}): "
-                    f"need {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free; close other programs or move layers"
-                )
-            logger.info(
-                "load_started", start=spec.start, end=spec.end, bytes=need - spec.reserve_bytes, model=str(model_dir)
-            )
+            weights = sum(index[n].nbytes for n in names)
+            stage = StageAssignment(self.me.name, spec.start, spec.end, weights, spec.reserve_bytes, memory_bytes=0)
+            check_stage_memory(stage, available_memory_bytes())  # before a byte is read
+            logger.info("load_started", start=spec.start, end=spec.end, bytes=weights, model=str(model_dir))
 
             loading = iter_load_shard(model_dir, spec.start, spec.end, dtype=spec.dtype)
             while True:
@@ -524,8 +530,6 @@ def main(config_path: str, name: str, verbose: bool) -> None:
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     log.configure(f"worker-{name}", cfg.log_dir, verbose=verbose)
-    if cfg.runtime.cache_limit_gb >= 0:
-        mx.set_cache_limit(int(cfg.runtime.cache_limit_gb * 2**30))
     try:
         worker = Worker(cfg, me)
     except security.SecurityError as e:

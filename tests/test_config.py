@@ -28,6 +28,14 @@ def test_api_host_defaults_to_the_coordinator_host_and_can_differ(tmp_path):
     assert (cfg.coordinator.api_host, cfg.coordinator.host) == ("0.0.0.0", "169.254.1.1")
 
 
+def test_cache_limit_defaults_to_mlx_and_must_be_a_number(tmp_path):
+    base = {"model": {"path": "m"}, "workers": [WORKER]}
+    assert parse_config(base, tmp_path / "k.toml").runtime.cache_limit_gb < 0
+    assert parse_config({**base, "runtime": {"cache_limit_gb": 2}}, tmp_path / "k.toml").runtime.cache_limit_gb == 2.0
+    with pytest.raises(ConfigError, match="cache_limit_gb"):
+        parse_config({**base, "runtime": {"cache_limit_gb": "2GB"}}, tmp_path / "k.toml")
+
+
 @pytest.mark.parametrize(
     "change,message",
     [

@@ -160,6 +160,22 @@ def malformed_commands() -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]
             head(kind="command", cmd="load", id="6", args={"start": 0, "end": 3, "next": "ipc:///tmp/x"})
         ],
         "load without next": [head(kind="command", cmd="load", id="7", args={"start": 0, "end": 3})],
+        "load with a non-tcp first stage": [
+            head(
+                kind="command",
+                cmd="load",
+                id="9",
+                args={"start": 0, "end": 3, "next": "tcp://127.0.0.1:1", "first": "ipc:///tmp/x"},
+            )
+        ],
+        "load with a number for first": [
+            head(
+                kind="command",
+                cmd="load",
+                id="10",
+                args={"start": 0, "end": 3, "next": "tcp://127.0.0.1:1", "first": 5},
+            )
+        ],
         "release without req": [head(kind="command", cmd="release", id="8", args={"req": 5})],
     }
     return bad, refused

@@ -7,6 +7,7 @@ import pytest
 
 from kimizmq.local import LocalCluster, write_config
 from kimizmq.plan import available_memory_bytes, make_plan
+from tests.support import complete_ids, log_events, worker_stats
 
 
 def test_worker_refuses_a_shard_whose_reserve_exceeds_free_memory(tiny_model, tmp_path):
@@ -25,3 +26,21 @@ def test_worker_refuses_a_shard_whose_reserve_exceeds_free_memory(tiny_model, tm
     with pytest.raises(RuntimeError, match=r"worker w\d failed to load: not enough free memory"):
         cluster.start()
     assert all(p.poll() is not None for p in cluster.workers.values())  # start() cleaned up
+
+
+@pytest.mark.parametrize("limit_gb", [None, 0])
+def test_cache_limit_bounds_the_memory_a_worker_keeps_freed(tiny_model, tmp_path, limit_gb):
+    """runtime.cache_limit_gb (for workers that share a GPU) reaches MLX: with
+    0 a worker keeps no freed buffers after requests; by default it keeps some."""
+    runtime = {} if limit_gb is None else {"cache_limit_gb": limit_gb}
+    cfg_path = write_config(tmp_path / "kimi.toml", tiny_model, 2, runtime=runtime)
+    with LocalCluster(cfg_path) as cluster:
+        complete_ids(cluster.api, list(range(1, 40)), 16)
+        stats = worker_stats(cluster.cfg)
+        started = [log_events(cluster, f"worker-{n}", "worker_started")[-1] for n in stats]
+    if limit_gb is None:
+        assert all(e["cache_limit_bytes"] is None for e in started)
+        assert all(s["cache_memory_bytes"] > 0 for s in stats.values()), stats
+    else:
+        assert all(e["cache_limit_bytes"] == 0 for e in started)
+        assert all(s["cache_memory_bytes"] == 0 for s in stats.values()), stats

@@ -101,6 +101,35 @@ def test_forward_round_trips_header_and_tensor(tensor):
     assert_same(msg.tensors[0], tensor)
 
 
+def test_forward_carries_the_ring_fields():
+    ring = {**FORWARD, "stop_at": 160, "eos": [163585, 163586]}
+    ids = mx.array([[7]], dtype=mx.int32)
+    assert decode(encode("forward", ring, [ids])).header == ring
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"stop_at": -1},
+        {"stop_at": 2.5},
+        {"eos": [1, -2]},
+        {"eos": [1, "2"]},
+        {"eos": [True]},
+        {"eos": list(range(wire.MAX_ID_LIST + 1))},
+        {"eos": 5},
+    ],
+    ids=["negative-stop", "float-stop", "negative-eos", "str-eos", "bool-eos", "long-eos", "eos-not-list"],
+)
+def test_bad_ring_fields_are_refused_both_ways(fields):
+    ids = mx.array([[7]], dtype=mx.int32)
+    with pytest.raises(WireError):
+        encode("forward", {**FORWARD, **fields}, [ids])
+    frames = encode("forward", FORWARD, [ids])
+    head = msgpack.unpackb(frames[0])
+    with pytest.raises(WireError):
+        decode([msgpack.packb({**head, **fields}), *frames[1:]])
+
+
 def test_bfloat16_special_values_survive_bit_exact():
     words = np.array([0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC1, 0x0001, 0x3F80, 0xFFFF], np.uint16)
     x = mx.array(words).view(mx.bfloat16)
