@@ -47,6 +47,7 @@ EVICT_SWEEP_S = 5.0  # how often idle requests are looked for
 LOG_CHUNK_BYTES = 48 * 1024  # of log per `logs` reply: a reply header stays under 64 KiB
 SEND_TIMEOUT_MS = 5000
 DATA_HWM = 64
+TOKEN_HWM = 1024  # tokens queued for a coordinator that does not read before a ring stops
 LOAD_MARGIN_BYTES = 1 << 30  # beyond the shard's own bytes when the load names no reserve
 RELEASED_MEMORY = 4096  # released request ids remembered, so late ring steps drop quietly
 
@@ -137,6 +138,7 @@ class Worker:
             "tokens_sampled": 0,
             "loads": 0,
             "dropped_after_release": 0,
+            "coordinator_not_reading": 0,
         }
         self.running = True
         self._last_sweep = time.monotonic()
@@ -347,7 +349,8 @@ class Worker:
                 continue
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, DATA_HWM)
+            # Tokens are small, and a coordinator streaming text may lag a little.
+            sock.setsockopt(zmq.SNDHWM, TOKEN_HWM if address == spec.report_address else DATA_HWM)
             sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
             if self.curve is not None:
                 self.curve.client(sock, security.owner_of(self.cfg, address))
@@ -496,10 +499,19 @@ class Worker:
                 self._send(self.next, wire.encode("forward", header, [result.activations]), "next")
             elif result.token is not None:
                 self.counters["tokens_sampled"] += 1
-                self._continue(h, m.tensors[0].shape[1], result.token)
                 out = {"req": h["req"], "seq": h["seq"], "token": result.token, "logprob": result.logprob}
                 if result.top_logprobs is not None:
                     out["top_logprobs"] = result.top_logprobs
+                if self.next is not None and not self.next.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+                    # TOKEN_HWM tokens the coordinator has not taken: it is gone
+                    # (or stuck). Stop the ring here instead of blocking on it.
+                    self.counters["coordinator_not_reading"] += 1
+                    log.bind_request(h["req"])
+                    logger.warning("coordinator_not_reading", queued=TOKEN_HWM)
+                    log.bind_request(None)
+                    self._forget(h["req"])
+                    continue
+                self._continue(h, m.tensors[0].shape[1], result.token)
                 self._send(self.next, wire.encode("token", out), "coordinator")
 
     def _continue(self, h: dict, length: int, token: int) -> None:

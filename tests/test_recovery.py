@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 from kimizmq.local import LocalCluster, write_config
-from tests.support import log_events, running_cluster, wait_until
+from kimizmq.worker import TOKEN_HWM
+from tests.support import log_events, running_cluster, wait_until, worker_stats
 
 PROMPT = [11, 22, 33, 44, 55, 66, 77, 88, 99, 111, 222, 333]
 N_TOKENS = 160
@@ -139,6 +140,38 @@ def test_restarted_coordinator_adopts_loaded_workers(cluster, undisturbed):
     assert _loads(cluster) == before
     ids, err = stream_ids(cluster.api)
     assert err is None and ids == undisturbed
+
+
+def test_a_ring_whose_coordinator_died_stops_and_its_stages_stay_responsive(tiny_model, tmp_path):
+    """Decode runs around the ring without the coordinator. With the coordinator
+    killed mid-request, the last stage stops the ring once TOKEN_HWM tokens wait
+    unread, instead of blocking on each send, and every stage answers its control
+    socket throughout; a new coordinator frees what the other stages still hold."""
+    long = 3000
+    cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2, runtime={"max_context": 4096})
+    with LocalCluster(cfg) as cluster:
+
+        def on_chunk(i):
+            if i == 5:
+                os.kill(cluster.coordinator.pid, signal.SIGKILL)
+
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            stream_ids(cluster.api, n=long, on_chunk=on_chunk)
+        stopped = wait_until(
+            lambda: (s := worker_stats(cluster.cfg, timeout=2.0))["w1"]["coordinator_not_reading"] and s,
+            "the last stage to stop the ring",
+            timeout=120,
+        )
+        assert TOKEN_HWM <= stopped["w1"]["tokens_sampled"] < long
+        assert not stopped["w1"]["active_requests"]
+        assert len(log_events(cluster, "worker-w1", "coordinator_not_reading")) == 1
+
+        cluster.start_coordinator()
+        cluster.wait_ready(60)
+        wait_until(
+            lambda: all(not s["active_requests"] for s in worker_stats(cluster.cfg).values()),
+            "the new coordinator to free the orphaned caches",
+        )
 
 
 def test_worker_that_never_comes_back_ends_the_request_with_an_error(tiny_model, tmp_path):
