@@ -364,8 +364,12 @@ class Engine:
                     return
         finally:
             self.requests.pop(req.wire_id, None)
-            self.slots.release()
-            await self._release(req)
+            try:
+                # On the wire before the next request's prompt: the stages
+                # free this one's cache before they open the next.
+                await self._release(req)
+            finally:
+                self.slots.release()
             if not finished:
                 logger.info("request_cancelled", tokens=len(req.tokens))
             log.bind_request(None)

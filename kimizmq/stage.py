@@ -141,6 +141,7 @@ class Stage:
         self.forwards = 0  # forward passes, a batched one counting once
         self.batched_forwards = 0
         self.batched_steps = 0  # requests served by batched passes
+        self.batched_prompt_steps = 0  # of those, prompt chunks (more than one token each)
         self.tokens_in = 0
 
     def check_input(self, x: mx.array) -> None:
@@ -203,40 +204,46 @@ class Stage:
         return result
 
     def forward_many(self, steps: list[Step]) -> list[ForwardResult | StageError]:
-        """Steps of distinct requests that met at this stage. Single-token
-        decode steps of open requests run as one batched forward pass over a
-        batched KV cache; everything else runs on its own."""
+        """Steps of distinct requests that met at this stage. Steps of the same
+        length run as one batched forward pass over a batched KV cache (left-
+        padded where the requests' pasts differ): decode steps of requests in
+        flight together, and prompt chunks of prompts that arrived together.
+        On the last stage only steps that sample are batched (a chunk that does
+        not sample needs no head)."""
         results: list[ForwardResult | StageError | None] = [None] * len(steps)
-        batch: list[tuple[int, RequestState]] = []
+        groups: dict[int, list[tuple[int, RequestState]]] = {}
         for i, step in enumerate(steps):
-            state = self.requests.get(step.req)
-            if state is not None and step.x.shape[1] == 1 and (step.sample or not self.shard.last):
+            if step.sample or not self.shard.last:
                 try:
-                    batch.append((i, self._admit(step)))
+                    state = self._admit(step)
                 except StageError as e:
                     results[i] = e
+                    continue
+                groups.setdefault(step.x.shape[1], []).append((i, state))
                 continue
             try:
                 results[i] = self.forward(step)
             except StageError as e:
                 results[i] = e
-        if len(batch) == 1:
-            i, _ = batch[0]
-            results[i] = self.forward(steps[i])
-        elif batch:
+        for batch in groups.values():
+            if len(batch) == 1:
+                i, _ = batch[0]
+                results[i] = self.forward(steps[i])
+                continue
             for (i, _), r in zip(batch, self._forward_batch([steps[i] for i, _ in batch], [s for _, s in batch])):
                 results[i] = r
         return results
 
     def _forward_batch(self, steps: list[Step], states: list[RequestState]) -> list[ForwardResult]:
         t0 = time.perf_counter()
+        length = steps[0].x.shape[1]
         n_layers = len(states[0].cache)
         caches = [BatchKVCache.merge([s.cache[j] for s in states]) for j in range(n_layers)]
         x = mx.concatenate([s.x for s in steps], axis=0)
         out = self.shard(x, caches, head=True)
         if self.shard.last:
             lazy = [
-                _sample_lazy(out[b : b + 1, -1, :], st.params, step.offset + 1)
+                _sample_lazy(out[b : b + 1, -1, :], st.params, step.offset + length)
                 for b, (step, st) in enumerate(zip(steps, states))
             ]
             mx.eval(lazy)
@@ -247,12 +254,15 @@ class Stage:
         for b, st in enumerate(states):
             st.cache = [c.extract(b) for c in caches]
         mx.eval([[c.keys, c.values] for st in states for c in st.cache])
-        self.decode_s += time.perf_counter() - t0
+        if length == 1:
+            self.decode_s += time.perf_counter() - t0
         self.forwards += 1
         self.batched_forwards += 1
         self.batched_steps += len(steps)
+        if length > 1:
+            self.batched_prompt_steps += len(steps)
         for st in states:
-            self._done(st, 1, t0)
+            self._done(st, length, t0)
             t0 = time.perf_counter()  # count the pass's time once
         return results
 

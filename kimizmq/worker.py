@@ -256,6 +256,7 @@ class Worker:
             decode_compute_s=stage.decode_s if stage else 0.0,
             batched_forwards=stage.batched_forwards if stage else 0,
             batched_steps=stage.batched_steps if stage else 0,
+            batched_prompt_steps=stage.batched_prompt_steps if stage else 0,
             cache_bytes=stage.cache_bytes() if stage else 0,
             weight_bytes=stage.shard.nbytes if stage else 0,
             peak_memory_bytes=mx.get_peak_memory(),
@@ -412,9 +413,12 @@ class Worker:
         self._send(self.report, wire.encode("error", {"req": req, "message": f"{self.me.name}: {message}"}), "report")
 
     def handle_data(self, *batch) -> None:
-        """Run data messages in arrival order; consecutive forwards of distinct
-        requests go to the stage together."""
-        group: list[wire.Message] = []
+        """Run data messages in waves: each request's messages in arrival
+        order, the first of every request together, then the second, ... The
+        forwards of a wave go to the stage together, so the first prompt chunks
+        of prompts that arrived together are one batched pass, as are decode
+        steps of requests in flight together."""
+        queues: dict[str, list[wire.Message]] = {}
         for frames in batch:
             try:
                 msg = frames if isinstance(frames, wire.Message) else wire.decode(frames)
@@ -422,19 +426,18 @@ class Worker:
                 self.counters["bad_messages"] += 1
                 logger.warning("bad_data_message", error=str(e))
                 continue
-            if msg.kind == "forward" and all(m.header["req"] != msg.header["req"] for m in group):
-                group.append(msg)
-                continue
-            self._forward(group)
-            group = []
-            if msg.kind == "forward":
-                group.append(msg)
-            elif msg.kind == "release":
-                self._release(msg.header["req"])
-            else:
+            if msg.kind not in ("forward", "release"):
                 self.counters["bad_messages"] += 1
                 logger.warning("bad_data_message", error=f"unexpected kind {msg.kind} on the data socket")
-        self._forward(group)
+                continue
+            queues.setdefault(msg.header["req"], []).append(msg)
+        while queues:
+            wave = [q.pop(0) for q in queues.values()]
+            queues = {req: q for req, q in queues.items() if q}
+            for m in wave:  # first: a wave holds one message per request, so these free room
+                if m.kind == "release":
+                    self._release(m.header["req"])
+            self._forward([m for m in wave if m.kind == "forward"])
 
     def _release(self, req: str) -> None:
         log.bind_request(req)
@@ -476,7 +479,7 @@ class Worker:
                 logger.info(
                     "request_started",
                     request_id=h["req"],
-                    tokens=m.tensors[0].shape[-2] if m.tensors[0].ndim > 1 else 0,
+                    tokens=m.tensors[0].shape[1],  # (1, L) token ids or (1, L, D) activations
                 )
             steps.append(Step(h["req"], h["offset"], m.tensors[0], h["sample"], h["params"]))
         msgs = live

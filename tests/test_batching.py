@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+
 from kimizmq.local import LocalCluster, write_config
 from tests.support import complete_ids, worker_stats
 
@@ -38,3 +40,31 @@ def test_concurrent_requests_are_batched_and_token_identical(tiny_model, tmp_pat
     batched = {n: s["batched_forwards"] - before[n] for n, s in after.items()}
     assert any(b > 0 for b in batched.values()), f"no decode step was batched: {batched}"
     assert all(s["active_requests"] == [] for s in after.values())
+
+
+def test_prompts_that_arrive_together_are_prefilled_as_one_batch(tiny_model, tmp_path):
+    """Equal-length prompts sent at once: their chunks (8, 8, 4 tokens) meet at
+    each stage and run as batched passes, and every request gets exactly its
+    tokens and logprobs from alone."""
+    prompts = [[(37 * i + 11 * j) % 900 + 5 for j in range(20)] for i in range(6)]
+    cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2, runtime={"max_concurrent": 8, "prefill_chunk": 8})
+    with LocalCluster(cfg) as cluster:
+        alone = [complete_ids(cluster.api, p, 12)["logprobs"] for p in prompts]
+        before = {name: s["batched_prompt_steps"] for name, s in worker_stats(cluster.cfg).items()}
+        together: dict[int, dict] = {}
+
+        def run(i: int) -> None:
+            together[i] = complete_ids(cluster.api, prompts[i], 12)["logprobs"]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        after = worker_stats(cluster.cfg)
+
+    for i, ref in enumerate(alone):
+        assert together[i]["token_ids"] == ref["token_ids"], i
+        np.testing.assert_allclose(together[i]["token_logprobs"], ref["token_logprobs"], rtol=1e-4, atol=1e-5)
+    batched = {n: s["batched_prompt_steps"] - before[n] for n, s in after.items()}
+    assert all(b > 0 for b in batched.values()), f"no prompt chunk was batched: {batched}"
