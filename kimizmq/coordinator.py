@@ -400,6 +400,10 @@ class Engine:
 
     async def _receive_loop(self) -> None:
         while True:
+            # The stages decode on their own, so tokens may arrive faster than
+            # they are streamed; a receive that finds one waiting does not yield,
+            # so yield here: the HTTP streams and the liveness watch must run.
+            await asyncio.sleep(0)
             frames = await self.pull.recv_multipart()
             try:
                 msg = wire.decode(frames)

@@ -17,7 +17,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
 from kimizmq.local import LocalCluster, write_config
-from tests.support import complete_ids, greedy_body, wait_until, worker_stats
+from tests.support import complete_ids, greedy_body, log_events, wait_until, worker_stats
 
 N_TOKENS = 64
 PROMPT = [5, 17, 99, 230, 41, 7, 300, 12, 64, 8, 150, 77, 3, 201, 45, 11, 90, 33, 120, 6, 250, 19, 88, 140]
@@ -163,3 +163,28 @@ def test_steps_on_the_ring_after_a_stop_are_dropped_quietly(tiny_model, tmp_path
         assert stats["w1"]["tokens_sampled"] < 500
         # The stages still serve the next request exactly.
         assert complete_ids(cluster.api, PROMPT, 8)["finish_reason"] == "length"
+
+
+def test_text_streams_while_the_ring_decodes_and_the_coordinator_stays_live(tiny_model, tmp_path):
+    """The stages decode without waiting for the coordinator, so tokens can
+    arrive faster than they are streamed. The coordinator must still stream as
+    it goes (the client's 10th chunk arrives long before the last token is
+    sampled) and keep its liveness watch running (no worker marked down)."""
+    n = 1500
+    cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2, runtime={"max_context": 2048})
+    with LocalCluster(cfg) as cluster:
+        before = worker_stats(cluster.cfg)["w1"]["tokens_sampled"]
+        body = json.dumps({**greedy_body(PROMPT, n), "stream": True}).encode()
+        req = urllib.request.Request(cluster.api + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as stream:
+            chunks = 0
+            while chunks < 10:
+                if stream.readline().startswith(b"data: "):
+                    chunks += 1
+            sampled = worker_stats(cluster.cfg)["w1"]["tokens_sampled"] - before
+            status, health = cluster.health()
+            rest = stream.read()
+        assert sampled < n / 2, f"the client got its 10th chunk only after {sampled} of {n} tokens were sampled"
+        assert status == 200 and health["status"] == "ready"
+        assert rest.rstrip().endswith(b"data: [DONE]")
+        assert not log_events(cluster, "coordinator", "workers_down")
