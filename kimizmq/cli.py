@@ -61,19 +61,25 @@ async def stream_completion(cfg: Config, body: dict, out) -> str:
                 except (aiohttp.ContentTypeError, KeyError, TypeError, json.JSONDecodeError):
                     msg = await resp.text()
                 raise click.ClickException(f"HTTP {resp.status}: {msg}")
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise click.ClickException(chunk["error"]["message"])
-                for choice in chunk.get("choices", []):
-                    piece = choice.get("text") if "text" in choice else choice.get("delta", {}).get("content")
-                    if piece:
-                        out.write(piece)
-                        out.flush()
-                        text.append(piece)
+            try:
+                async for raw in resp.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise click.ClickException(chunk["error"]["message"])
+                    for choice in chunk.get("choices", []):
+                        piece = choice.get("text") if "text" in choice else choice.get("delta", {}).get("content")
+                        if piece:
+                            out.write(piece)
+                            out.flush()
+                            text.append(piece)
+            except asyncio.CancelledError:  # Ctrl-C
+                # Drop the connection now (a plain release would read the rest
+                # of the answer first); the coordinator then cancels the request.
+                resp.close()
+                raise
     return "".join(text)
 
 
