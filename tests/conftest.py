@@ -1,5 +1,6 @@
 """Shared fixtures."""
 
+import signal
 from pathlib import Path
 
 import openai
@@ -8,6 +9,13 @@ import pytest
 from kimizmq.testmodel import make_test_model
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A shell that starts a command in the background (`cmd &`, nohup) sets SIGINT
+# to "ignore", and every child inherits that, so Python would not turn Ctrl-C
+# into KeyboardInterrupt in the `kimi chat` / `kimi logs -f` the tests
+# interrupt. Restore the default here; exec then gives children the default too.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
