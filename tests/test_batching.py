@@ -14,30 +14,33 @@ N_TOKENS = 40
 PROMPTS = [[7 + i, 100 + 3 * i, 5, 64 + i, 9] + [200 + i] * (i % 4) for i in range(6)]
 
 
-def greedy(base: str, prompt: list[int]) -> list[int]:
-    return complete_ids(base, prompt, N_TOKENS)["logprobs"]["token_ids"]
+def alone_then_together(cluster: LocalCluster, prompts: list[list[int]], n: int) -> tuple[list, list, dict, dict]:
+    """Each prompt's logprobs run alone, then all at once (one thread each),
+    and the workers' stats before and after the concurrent run."""
+    alone = [complete_ids(cluster.api, p, n)["logprobs"] for p in prompts]
+    before = worker_stats(cluster.cfg)
+    together: dict[int, dict] = {}
+
+    def run(i: int) -> None:
+        together[i] = complete_ids(cluster.api, prompts[i], n)["logprobs"]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return alone, [together.get(i) for i in range(len(prompts))], before, worker_stats(cluster.cfg)
 
 
 def test_concurrent_requests_are_batched_and_token_identical(tiny_model, tmp_path):
     cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2, runtime={"max_concurrent": 8})
     with LocalCluster(cfg) as cluster:
-        alone = [greedy(cluster.api, p) for p in PROMPTS]
-        before = {name: s["batched_forwards"] for name, s in worker_stats(cluster.cfg).items()}
-        together: dict[int, list[int]] = {}
+        alone, together, before, after = alone_then_together(cluster, PROMPTS, N_TOKENS)
 
-        def run(i: int) -> None:
-            together[i] = greedy(cluster.api, PROMPTS[i])
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        after = worker_stats(cluster.cfg)
-
-    assert [together[i] for i in range(len(PROMPTS))] == alone
-    assert len({tuple(a) for a in alone}) == len(PROMPTS), "different prompts must give different outputs"
-    batched = {n: s["batched_forwards"] - before[n] for n, s in after.items()}
+    ids = [lp["token_ids"] for lp in alone]
+    assert [lp and lp["token_ids"] for lp in together] == ids
+    assert len({tuple(a) for a in ids}) == len(PROMPTS), "different prompts must give different outputs"
+    batched = {n: s["batched_forwards"] - before[n]["batched_forwards"] for n, s in after.items()}
     assert any(b > 0 for b in batched.values()), f"no decode step was batched: {batched}"
     assert all(s["active_requests"] == [] for s in after.values())
 
@@ -49,22 +52,10 @@ def test_prompts_that_arrive_together_are_prefilled_as_one_batch(tiny_model, tmp
     prompts = [[(37 * i + 11 * j) % 900 + 5 for j in range(20)] for i in range(6)]
     cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2, runtime={"max_concurrent": 8, "prefill_chunk": 8})
     with LocalCluster(cfg) as cluster:
-        alone = [complete_ids(cluster.api, p, 12)["logprobs"] for p in prompts]
-        before = {name: s["batched_prompt_steps"] for name, s in worker_stats(cluster.cfg).items()}
-        together: dict[int, dict] = {}
-
-        def run(i: int) -> None:
-            together[i] = complete_ids(cluster.api, prompts[i], 12)["logprobs"]
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        after = worker_stats(cluster.cfg)
+        alone, together, before, after = alone_then_together(cluster, prompts, 12)
 
     for i, ref in enumerate(alone):
-        assert together[i]["token_ids"] == ref["token_ids"], i
+        assert together[i] is not None and together[i]["token_ids"] == ref["token_ids"], i
         np.testing.assert_allclose(together[i]["token_logprobs"], ref["token_logprobs"], rtol=1e-4, atol=1e-5)
-    batched = {n: s["batched_prompt_steps"] - before[n] for n, s in after.items()}
+    batched = {n: s["batched_prompt_steps"] - before[n]["batched_prompt_steps"] for n, s in after.items()}
     assert all(b > 0 for b in batched.values()), f"no prompt chunk was batched: {batched}"
