@@ -39,7 +39,7 @@ from .checkpoint import CheckpointError, read_config, stage_tensor_names, tensor
 from .config import Config, ConfigError, WorkerConfig, load_config
 from .plan import StageAssignment, available_memory_bytes, check_stage_memory
 from .shard import ShardError, iter_load_shard
-from .stage import Stage, StageError, Step
+from .stage import ForwardResult, Stage, StageError, Step
 
 POLL_MS = 100
 MAX_BATCH = 16  # data messages taken per loop round
@@ -501,21 +501,27 @@ class Worker:
                 header = {k: h[k] for k in ("req", "seq", "offset", "sample", "params", "stop_at", "eos") if k in h}
                 self._send(self.next, wire.encode("forward", header, [result.activations]), "next")
             elif result.token is not None:
-                self.counters["tokens_sampled"] += 1
-                out = {"req": h["req"], "seq": h["seq"], "token": result.token, "logprob": result.logprob}
-                if result.top_logprobs is not None:
-                    out["top_logprobs"] = result.top_logprobs
-                if self.next is not None and not self.next.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
-                    # TOKEN_HWM tokens the coordinator has not taken: it is gone
-                    # (or stuck). Stop the ring here instead of blocking on it.
-                    self.counters["coordinator_not_reading"] += 1
-                    log.bind_request(h["req"])
-                    logger.warning("coordinator_not_reading", queued=TOKEN_HWM)
-                    log.bind_request(None)
-                    self._forget(h["req"])
-                    continue
-                self._continue(h, m.tensors[0].shape[1], result.token)
-                self._send(self.next, wire.encode("token", out), "coordinator")
+                self._deliver(h, m.tensors[0].shape[1], result)
+
+    def _deliver(self, h: dict, length: int, result: ForwardResult) -> None:
+        """Last stage: the next decode step to the first stage, then the token
+        to the coordinator; or, if the coordinator has stopped taking tokens,
+        neither, and the request is dropped here."""
+        self.counters["tokens_sampled"] += 1
+        if self.next is not None and not self.next.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+            # TOKEN_HWM tokens the coordinator has not taken: it is gone (or
+            # stuck). Stop the ring here instead of blocking on every send.
+            self.counters["coordinator_not_reading"] += 1
+            log.bind_request(h["req"])
+            logger.warning("coordinator_not_reading", queued=TOKEN_HWM)
+            log.bind_request(None)
+            self._forget(h["req"])
+            return
+        self._continue(h, length, result.token)
+        out = {"req": h["req"], "seq": h["seq"], "token": result.token, "logprob": result.logprob}
+        if result.top_logprobs is not None:
+            out["top_logprobs"] = result.top_logprobs
+        self._send(self.next, wire.encode("token", out), "coordinator")
 
     def _continue(self, h: dict, length: int, token: int) -> None:
         """Last stage: feed the sampled token to the first stage as the next
