@@ -187,8 +187,8 @@ class Stage:
         state.offset += length
         state.last_used = time.monotonic()
 
-    def forward(self, step: Step) -> ForwardResult:
-        state = self._admit(step)
+    def _run(self, step: Step, state: RequestState) -> ForwardResult:
+        """One admitted step on its own."""
         length = step.x.shape[1]
         t0 = time.perf_counter()
         out = self.shard(step.x, state.cache, head=step.sample)
@@ -213,22 +213,19 @@ class Stage:
         results: list[ForwardResult | StageError | None] = [None] * len(steps)
         groups: dict[int, list[tuple[int, RequestState]]] = {}
         for i, step in enumerate(steps):
-            if step.sample or not self.shard.last:
-                try:
-                    state = self._admit(step)
-                except StageError as e:
-                    results[i] = e
-                    continue
-                groups.setdefault(step.x.shape[1], []).append((i, state))
-                continue
             try:
-                results[i] = self.forward(step)
+                state = self._admit(step)
             except StageError as e:
                 results[i] = e
+                continue
+            if step.sample or not self.shard.last:
+                groups.setdefault(step.x.shape[1], []).append((i, state))
+            else:
+                results[i] = self._run(step, state)
         for batch in groups.values():
             if len(batch) == 1:
-                i, _ = batch[0]
-                results[i] = self.forward(steps[i])
+                i, state = batch[0]
+                results[i] = self._run(steps[i], state)
                 continue
             for (i, _), r in zip(batch, self._forward_batch([steps[i] for i, _ in batch], [s for _, s in batch])):
                 results[i] = r
