@@ -85,17 +85,19 @@ class LoadSpec:
         ints = (spec.start, spec.end, spec.max_requests, spec.max_context, spec.reserve_bytes)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
             raise ValueError("load: start, end, max_requests and max_context must be integers")
-        if not all(isinstance(v, str) for v in (spec.next_address, spec.report_address, spec.dtype)):
-            raise ValueError("load: next, report and dtype must be strings")
-        if spec.first_address is not None and not isinstance(spec.first_address, str):
-            raise ValueError("load: first must be a string")
-        if not all(
-            a.startswith("tcp://") for a in (spec.next_address, spec.report_address, spec.first_address or "tcp://")
-        ):
+        if not all(isinstance(v, str) for v in (*spec.peers, spec.dtype)):
+            raise ValueError("load: next, report, first and dtype must be strings")
+        if not all(a.startswith("tcp://") for a in spec.peers):
             raise ValueError("load: next, report and first must be tcp:// addresses")
         if not 0 <= spec.start < spec.end or spec.max_requests < 1 or spec.max_context < 1:
             raise ValueError("load: needs 0 <= start < end, max_requests >= 1 and max_context >= 1")
         return spec
+
+    @property
+    def peers(self) -> list[str]:
+        """The addresses this stage sends to."""
+        first = [] if self.first_address is None else [self.first_address]
+        return [self.next_address, self.report_address, *first]
 
 
 class Worker:
@@ -267,9 +269,8 @@ class Worker:
     def cmd_load(self, args: dict) -> dict:
         spec = LoadSpec.from_args(args, self.cfg)
         if self.curve is not None:  # a missing key refuses the load before anything changes
-            for address in (spec.next_address, spec.report_address, spec.first_address):
-                if address is not None:
-                    self.curve.server_key_at(address)
+            for address in spec.peers:
+                self.curve.server_key_at(address)
         same = self.spec is not None and (self.spec.start, self.spec.end) == (spec.start, spec.end)
         if same and self.state in ("loading", "ready"):
             # Idempotent: a repeated load (lost reply, restarted coordinator) keeps the shard.
@@ -337,7 +338,7 @@ class Worker:
 
     def _connect(self, spec: LoadSpec) -> None:
         # A stage that is also the first feeds itself in process: no loop socket.
-        first = spec.first_address if spec.first_address != self.me.data_address else None
+        first = spec.first_address if spec.start > 0 else None
         for attr, address in (("next", spec.next_address), ("report", spec.report_address), ("loop", first)):
             sock = getattr(self, attr)
             if sock is not None and self.connected.get(attr) == address:
