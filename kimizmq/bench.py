@@ -152,6 +152,48 @@ class BenchConfig:
             **kw,
         )
 
+    # One row per protocol (BENCHMARKS.md "What is measured"), for every system.
+
+    def decode_row(self, system: str, stages: int, tps: float, **kw) -> Row:
+        return self.row(
+            system,
+            stages,
+            concurrency=1,
+            prompt_tokens=DECODE_PROMPT_TOKENS,
+            metric="decode",
+            decode_tps=tps,
+            step_ms=1e3 / tps,
+            decode_tokens=self.decode_tokens,
+            trials=self.decode_trials,
+            **kw,
+        )
+
+    def aggregate_row(self, system: str, stages: int, concurrency: int, results: list[float], **kw) -> Row:
+        return self.row(
+            system,
+            stages,
+            concurrency=concurrency,
+            prompt_tokens=DECODE_PROMPT_TOKENS,
+            metric="aggregate",
+            aggregate_tps=_median(results),
+            decode_tokens=self.aggregate_tokens,
+            trials=self.aggregate_trials,
+            **kw,
+        )
+
+    def ttft_row(self, system: str, stages: int, prompt_tokens: int, ttfts: list[float], **kw) -> Row:
+        return self.row(
+            system,
+            stages,
+            concurrency=1,
+            prompt_tokens=prompt_tokens,
+            metric="ttft",
+            ttft_s=min(ttfts),
+            decode_tokens=1,
+            trials=len(ttfts),
+            **kw,
+        )
+
 
 def prompt_ids(n: int, seed: int) -> list[int]:
     """A fixed pseudo-random prompt of n ordinary token ids."""
@@ -165,6 +207,11 @@ def prompt_ids(n: int, seed: int) -> list[int]:
 
 def _median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def _decode_rate(times: list[float]) -> float:
+    """Tokens/s of one request after its first token, from each token's arrival time."""
+    return (len(times) - 1) / (times[-1] - times[0])
 
 
 # -- the machine -----------------------------------------------------------------------
@@ -355,21 +402,8 @@ def _mlx_lm_process(spec_path: str) -> int:
         rates = []
         for trial in range(bc.decode_trials):
             _, times = timed_generate(prompt_ids(DECODE_PROMPT_TOKENS, 1 + trial), bc.decode_tokens)
-            rates.append((len(times) - 1) / (times[-1] - times[0]))
-        tps = _median(rates)
-        rows.append(
-            bc.row(
-                system,
-                stages,
-                concurrency=1,
-                prompt_tokens=DECODE_PROMPT_TOKENS,
-                metric="decode",
-                decode_tps=tps,
-                step_ms=1e3 / tps,
-                decode_tokens=bc.decode_tokens,
-                trials=bc.decode_trials,
-            )
-        )
+            rates.append(_decode_rate(times))
+        rows.append(bc.decode_row(system, stages, _median(rates)))
         write()
 
         for c in bc.concurrency:
@@ -382,18 +416,7 @@ def _mlx_lm_process(spec_path: str) -> int:
                 else:
                     wall, tokens = batch_generate(prompts, bc.aggregate_tokens)
                     results.append(tokens / wall)
-            rows.append(
-                bc.row(
-                    system,
-                    stages,
-                    concurrency=c,
-                    prompt_tokens=DECODE_PROMPT_TOKENS,
-                    metric="aggregate",
-                    aggregate_tps=_median(results),
-                    decode_tokens=bc.aggregate_tokens,
-                    trials=bc.aggregate_trials,
-                )
-            )
+            rows.append(bc.aggregate_row(system, stages, c, results))
             write()
 
         for n in bc.prompts:
@@ -401,19 +424,7 @@ def _mlx_lm_process(spec_path: str) -> int:
             for trial in range(bc.ttft_trials(n)):
                 t0, times = timed_generate(prompt_ids(n, 7 + trial), 1)
                 ttfts.append(times[0] - t0)
-            rows.append(
-                bc.row(
-                    system,
-                    stages,
-                    concurrency=1,
-                    prompt_tokens=n,
-                    metric="ttft",
-                    ttft_s=min(ttfts),
-                    decode_tokens=1,
-                    prefill_chunk=bc.mlx_prefill_step,
-                    trials=len(ttfts),
-                )
-            )
+            rows.append(bc.ttft_row(system, stages, n, ttfts, prefill_chunk=bc.mlx_prefill_step))
             write()
     except Exception as e:  # noqa: BLE001 - reported in the rows, then the exit status
         rows.append(
@@ -506,7 +517,7 @@ async def _drive_kimizmq(
                 _, times, _ = await one(prompt_ids(DECODE_PROMPT_TOKENS, 1 + trial), bc.decode_tokens)
                 if len(times) < 2:
                     raise BenchError(f"decode: {len(times)} tokens streamed, expected {bc.decode_tokens}")
-                rates.append((len(times) - 1) / (times[-1] - times[0]))
+                rates.append(_decode_rate(times))
             after = _worker_stats(cfg)
             tps = _median(rates)
             compute_ms = hop_us = None
@@ -517,20 +528,7 @@ async def _drive_kimizmq(
                 compute_ms = 1e3 * total_s / steps
                 hop_us = max(0.0, (1e3 / tps - compute_ms) * 1e3 / stages)
             rows.append(
-                bc.row(
-                    "kimizmq",
-                    stages,
-                    concurrency=1,
-                    prompt_tokens=DECODE_PROMPT_TOKENS,
-                    metric="decode",
-                    decode_tps=tps,
-                    step_ms=1e3 / tps,
-                    compute_ms=compute_ms,
-                    hop_us=hop_us,
-                    decode_tokens=bc.decode_tokens,
-                    prefill_chunk=chunk,
-                    trials=bc.decode_trials,
-                )
+                bc.decode_row("kimizmq", stages, tps, compute_ms=compute_ms, hop_us=hop_us, prefill_chunk=chunk)
             )
 
             for c in bc.concurrency:
@@ -541,19 +539,7 @@ async def _drive_kimizmq(
                     done = await asyncio.gather(*(one(p, bc.aggregate_tokens, per_token=False) for p in prompts))
                     wall = time.perf_counter() - t0
                     results.append(sum(tokens for _, _, tokens in done) / wall)
-                rows.append(
-                    bc.row(
-                        "kimizmq",
-                        stages,
-                        concurrency=c,
-                        prompt_tokens=DECODE_PROMPT_TOKENS,
-                        metric="aggregate",
-                        aggregate_tps=_median(results),
-                        decode_tokens=bc.aggregate_tokens,
-                        prefill_chunk=chunk,
-                        trials=bc.aggregate_trials,
-                    )
-                )
+                rows.append(bc.aggregate_row("kimizmq", stages, c, results, prefill_chunk=chunk))
 
         prompts = [bc.nochunk_prompt] if only_ttft else list(bc.prompts)
         for n in prompts:
@@ -563,19 +549,7 @@ async def _drive_kimizmq(
                 if not times:
                     raise BenchError(f"ttft: no token streamed for a {n}-token prompt")
                 ttfts.append(times[0] - t0)
-            rows.append(
-                bc.row(
-                    "kimizmq",
-                    stages,
-                    concurrency=1,
-                    prompt_tokens=n,
-                    metric="ttft",
-                    ttft_s=min(ttfts),
-                    decode_tokens=1,
-                    prefill_chunk=chunk,
-                    trials=len(ttfts),
-                )
-            )
+            rows.append(bc.ttft_row("kimizmq", stages, n, ttfts, prefill_chunk=chunk))
 
 
 def _kimizmq_rows(bc: BenchConfig, stages: int, rows: list[Row], *, chunk: int | None = None) -> list[Row]:
