@@ -100,6 +100,17 @@ def greedy_body(prompt: list[int], n: int, **params) -> dict:
     return {"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 1, "ignore_eos": True, **params}
 
 
+def open_stream(base: str, body: dict, *, timeout: float = HTTP_TIMEOUT_S):
+    """A streamed /v1/completions of `body`, open: the response to read SSE lines
+    from as they come (leaving the `with` block closes the connection)."""
+    req = urllib.request.Request(
+        base + "/v1/completions",
+        data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
 def complete_ids(base: str, prompt: list[int], n: int, **params) -> dict:
     """The first choice of `greedy_body(prompt, n, **params)` completed by the
     coordinator at `base`; any status but 200 fails."""

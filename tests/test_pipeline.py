@@ -3,12 +3,10 @@ mlx-lm gives on the same model and dtype, over real processes and sockets."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 import threading
-import urllib.request
 
 import mlx.core as mx
 import numpy as np
@@ -17,7 +15,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
 from kimizmq.local import LocalCluster, write_config
-from tests.support import complete_ids, greedy_body, log_events, wait_until, worker_stats
+from tests.support import complete_ids, greedy_body, log_events, open_stream, wait_until, worker_stats
 
 N_TOKENS = 64
 PROMPT = [5, 17, 99, 230, 41, 7, 300, 12, 64, 8, 150, 77, 3, 201, 45, 11, 90, 33, 120, 6, 250, 19, 88, 140]
@@ -149,9 +147,7 @@ def test_steps_on_the_ring_after_a_stop_are_dropped_quietly(tiny_model, tmp_path
     every cache."""
     cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2)
     with LocalCluster(cfg) as cluster:
-        body = json.dumps({**greedy_body(PROMPT, 500), "stream": True}).encode()
-        req = urllib.request.Request(cluster.api + "/v1/completions", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as stream:
+        with open_stream(cluster.api, greedy_body(PROMPT, 500)) as stream:
             for _ in range(8):
                 stream.readline()
         wait_until(
@@ -174,9 +170,7 @@ def test_text_streams_while_the_ring_decodes_and_the_coordinator_stays_live(tiny
     cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2, runtime={"max_context": 2048})
     with LocalCluster(cfg) as cluster:
         before = worker_stats(cluster.cfg)["w1"]["tokens_sampled"]
-        body = json.dumps({**greedy_body(PROMPT, n), "stream": True}).encode()
-        req = urllib.request.Request(cluster.api + "/v1/completions", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as stream:
+        with open_stream(cluster.api, greedy_body(PROMPT, n)) as stream:
             chunks = 0
             while chunks < 10:
                 if stream.readline().startswith(b"data: "):

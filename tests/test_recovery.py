@@ -9,14 +9,13 @@ import json
 import os
 import signal
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
 from kimizmq.local import LocalCluster, write_config
 from kimizmq.worker import TOKEN_HWM
-from tests.support import log_events, running_cluster, wait_until, worker_stats
+from tests.support import log_events, open_stream, running_cluster, wait_until, worker_stats
 
 PROMPT = [11, 22, 33, 44, 55, 66, 77, 88, 99, 111, 222, 333]
 N_TOKENS = 160
@@ -24,12 +23,7 @@ FAST_LIVENESS = {"heartbeat_interval_s": 0.2, "liveness_timeout_s": 1.0, "prefil
 
 
 def sse(base: str, body: dict) -> Iterator[dict]:
-    req = urllib.request.Request(
-        base + "/v1/completions",
-        data=json.dumps({**body, "stream": True}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
+    with open_stream(base, body) as r:
         for raw in r:
             line = raw.decode().strip()
             if line == "data: [DONE]":
