@@ -104,6 +104,7 @@ class Row:
     pinned: bool = False  # each worker / rank held to its own CPU core
     dtype: str = ""
     load_avg: float | None = None  # the machine's 1-minute load average when measured: others' work skews CPU rows
+    decode_graph: str = ""  # kimizmq: its stages' one-token steps, "compiled" or "eager" (runtime.decode)
     error: str | None = None
 
     @classmethod
@@ -132,7 +133,13 @@ class BenchConfig:
     system_timeout_s: float = SYSTEM_TIMEOUT_S
     device: str = ""
     dtype: str = ""
+    decode: str = "auto"  # kimizmq's runtime.decode
     work: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+
+    @property
+    def decode_graph(self) -> str:
+        compiled = self.decode == "compiled" or (self.decode == "auto" and self.gpu)
+        return "compiled" if compiled else "eager"
 
     def ttft_trials(self, prompt_tokens: int) -> int:
         """Twice for prompts up to 2048 tokens (the first run of a shape may compile
@@ -149,6 +156,7 @@ class BenchConfig:
             pinned=self.pin,
             dtype=self.dtype,
             load_avg=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            decode_graph=self.decode_graph if system == "kimizmq" else "",
             **kw,
         )
 
@@ -564,6 +572,7 @@ def _kimizmq_rows(bc: BenchConfig, stages: int, rows: list[Row], *, chunk: int |
         "max_concurrent": max(16, *bc.concurrency),
         # a long unchunked prefill keeps a CPU worker busy for minutes: not a dead worker
         "liveness_timeout_s": 3600.0,
+        "decode": bc.decode,
     }
     if stages > max(bc.gpus, 1):  # workers share a device: no process may hoard freed memory
         runtime["cache_limit_gb"] = SHARED_DEVICE_CACHE_GB
@@ -665,7 +674,7 @@ def format_table(rows: list[Row]) -> str:
     for r in rows:
         table.append(
             [
-                r.system,
+                f"{r.system} ({r.decode_graph})" if r.decode_graph else r.system,
                 str(r.stages),
                 str(r.concurrency),
                 str(r.prompt_tokens),
@@ -876,6 +885,13 @@ def _report(rows: list[Row], json_path: Path, *, gpu: bool, draw: bool) -> None:
 @click.option("--prompts", "prompts_text", help="prompt lengths for time to first token, e.g. 128,2048,8192")
 @click.option("--nochunk-prompt", type=click.IntRange(0), help="prompt for kimizmq-2 unchunked (0: skip)")
 @click.option("--prefill-chunk", type=click.IntRange(1), help="kimizmq's prefill_chunk")
+@click.option(
+    "--decode",
+    type=click.Choice(["auto", "compiled", "eager"]),
+    default="auto",
+    show_default=True,
+    help="kimizmq's one-token steps (runtime.decode; auto: compiled on a GPU)",
+)
 @click.option("--gpus", type=click.IntRange(0), default=0, show_default=True, help="one worker / rank per GPU")
 @click.option(
     "--pin/--no-pin",
@@ -891,7 +907,7 @@ def _report(rows: list[Row], json_path: Path, *, gpu: bool, draw: bool) -> None:
 @click.option("--replot", type=click.Path(dir_okay=False, exists=True), help="print and draw an earlier JSON; no run")
 def bench_command(
     model_dir, kimi_geometry, layers, models_dir, quick, systems, decode_tokens, aggregate_tokens, concurrency_text, prompts_text,
-    nochunk_prompt, prefill_chunk, gpus, pin, system_timeout, out_dir, name, no_plot, replot,
+    nochunk_prompt, prefill_chunk, decode, gpus, pin, system_timeout, out_dir, name, no_plot, replot,
 ):  # fmt: skip
     """Measure kimizmq (1, 2, 3 stages on loopback) against single-process mlx-lm and
     mlx-lm's own pipeline: decode tokens/s, aggregate tokens/s under concurrency,
@@ -930,6 +946,7 @@ def bench_command(
     bc.system_timeout_s = system_timeout
     bc.dtype = "bfloat16 activations (the checkpoint's)" if gpu else "float32"
     bc.pin = bool(pin)
+    bc.decode = decode
     if quick:
         bc.decode_tokens, bc.decode_trials = 48, 2
         bc.aggregate_tokens = 32

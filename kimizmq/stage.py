@@ -131,8 +131,9 @@ class Step:
 class Stage:
     """A shard plus the per-request KV caches it holds."""
 
-    def __init__(self, shard: Shard, *, max_requests: int, max_context: int):
+    def __init__(self, shard: Shard, *, max_requests: int, max_context: int, compiled_decode: bool = False):
         self.shard = shard
+        self.compiled_decode = compiled_decode  # lone one-token steps through Shard.decode
         self.max_requests = max_requests
         self.max_context = max_context
         self.requests: dict[str, RequestState] = {}
@@ -191,7 +192,10 @@ class Stage:
         """One admitted step on its own."""
         length = step.x.shape[1]
         t0 = time.perf_counter()
-        out = self.shard(step.x, state.cache, head=step.sample)
+        if length == 1 and state.offset > 0 and self.compiled_decode:
+            out = self.shard.decode(step.x, state.cache, head=step.sample)
+        else:
+            out = self.shard(step.x, state.cache, head=step.sample)
         if self.shard.last and step.sample:
             result = sample(out[:, -1, :], state.params, step.offset + length)
         else:

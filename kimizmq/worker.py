@@ -38,7 +38,7 @@ from . import log, security, wire
 from .checkpoint import CheckpointError, read_config, stage_tensor_names, tensor_index
 from .config import Config, ConfigError, WorkerConfig, load_config
 from .plan import StageAssignment, available_memory_bytes, check_stage_memory
-from .shard import ShardError, iter_load_shard
+from .shard import ShardError, compiled_decode, iter_load_shard
 from .stage import ForwardResult, Stage, StageError, Step
 
 POLL_MS = 100
@@ -259,6 +259,7 @@ class Worker:
             batched_forwards=stage.batched_forwards if stage else 0,
             batched_steps=stage.batched_steps if stage else 0,
             batched_prompt_steps=stage.batched_prompt_steps if stage else 0,
+            compiled_decode=bool(stage and stage.compiled_decode),
             cache_bytes=stage.cache_bytes() if stage else 0,
             weight_bytes=stage.shard.nbytes if stage else 0,
             peak_memory_bytes=mx.get_peak_memory(),
@@ -390,9 +391,19 @@ class Worker:
                 self.progress = {"done_bytes": done, "total_bytes": total, "rate_bytes_s": rate}
                 logger.info("load_progress", done_bytes=done, total_bytes=total, rate_mb_s=round(rate / 1e6, 1))
                 yield
-            self.stage = Stage(shard, max_requests=spec.max_requests, max_context=spec.max_context)
+            self.stage = Stage(
+                shard,
+                max_requests=spec.max_requests,
+                max_context=spec.max_context,
+                compiled_decode=compiled_decode(self.cfg.runtime.decode),
+            )
             self.state = "ready"
-            logger.info("load_finished", seconds=round(time.monotonic() - t0, 3), bytes=shard.nbytes)
+            logger.info(
+                "load_finished",
+                seconds=round(time.monotonic() - t0, 3),
+                bytes=shard.nbytes,
+                compiled_decode=self.stage.compiled_decode,
+            )
         except (ShardError, CheckpointError, ValueError, OSError, RuntimeError) as e:
             self.error = str(e)
             self.state = "error"

@@ -66,6 +66,21 @@ def test_distributed_greedy_equals_mlx_lm(tiny_model, reference, tmp_path, n_wor
     np.testing.assert_allclose(lp["token_logprobs"], ref_logprobs, rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_decode_over_two_stages_equals_mlx_lm(tiny_model, tmp_path):
+    """runtime.decode = "compiled" (a GPU's default) runs here on the CPU: the
+    ring's one-token steps go through each stage's compiled graph, past the
+    cache's growth at 256 slots, and still give mlx-lm's tokens."""
+    n = 250
+    ref_tokens, ref_logprobs = reference_greedy(tiny_model, PROMPT, n)
+    cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2, runtime={"decode": "compiled"})
+    with LocalCluster(cfg) as cluster:
+        lp = complete_ids(cluster.api, PROMPT, n)["logprobs"]
+        stats = worker_stats(cluster.cfg)
+    assert all(s["compiled_decode"] for s in stats.values())
+    assert lp["token_ids"] == ref_tokens
+    np.testing.assert_allclose(lp["token_logprobs"], ref_logprobs, rtol=1e-4, atol=1e-5)
+
+
 def test_sampling_with_seed_is_reproducible_and_seed_matters(tiny_model, tmp_path):
     cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2)
     with LocalCluster(cfg) as cluster:

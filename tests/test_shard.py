@@ -15,7 +15,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import _get_classes, load_model
 
 from kimizmq.checkpoint import stage_tensor_names, tensor_index
-from kimizmq.shard import ShardError, load_shard
+from kimizmq.shard import ShardError, compiled_decode, load_shard
 
 
 def _rchar() -> int:
@@ -72,6 +72,38 @@ def test_chained_stages_equal_the_whole_model(tiny_model):
     for s in stages:
         h = s(h, s.make_cache())
     np.testing.assert_allclose(np.array(h[:, -1, :]), np.array(want), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("split", [None, (0, 4)], ids=["whole", "first-stage"])
+def test_compiled_decode_equals_the_eager_pass(tiny_model, split):
+    """300 one-token steps through Shard.decode give the eager pass's outputs,
+    across a growth of the cache buffers (256 slots) and from a cache whose
+    buffers are exactly as long as the prompt (as BatchKVCache.extract leaves them)."""
+    shard = load_shard(tiny_model, *(split or (0, 7)))
+    prompt = mx.array([[3, 14, 15, 92, 65, 35, 89, 79] * 3], dtype=mx.int32)
+    eager, compiled = shard.make_cache(), shard.make_cache()
+    shard(prompt, eager)
+    shard(prompt, compiled)
+    for c in compiled:
+        c.keys, c.values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+    tok = mx.array([[7]], dtype=mx.int32)
+    for i in range(300):
+        want = shard(tok, eager)
+        got = shard.decode(tok, compiled)
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4, err_msg=f"step {i}")
+        if shard.last:
+            tok = mx.argmax(want[:, -1, :], axis=-1, keepdims=True).astype(mx.int32)
+        else:
+            tok = mx.array([[(i * 37) % 1000 + 1]], dtype=mx.int32)
+    assert [c.offset for c in compiled] == [c.offset for c in eager] == [24 + 300] * len(eager)
+    assert compiled[0].keys.shape[2] == 512
+
+
+def test_decode_mode_auto_compiles_only_off_the_cpu():
+    assert compiled_decode("auto") == (mx.default_device() != mx.cpu)
+    assert compiled_decode("compiled") and not compiled_decode("eager")
+    with pytest.raises(ShardError, match="unknown decode mode 'fast'"):
+        compiled_decode("fast")
 
 
 def test_missing_safetensors_file_is_named(tiny_model, tmp_path):
