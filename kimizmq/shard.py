@@ -15,8 +15,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
+from mlx_lm.models.deepseek_v3 import DeepseekV3Attention
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config
 
 from .checkpoint import stage_tensor_names, tensor_index
@@ -47,9 +48,10 @@ def compiled_decode(mode: str) -> bool:
     """Whether one-token steps run as a compiled graph (`runtime.decode`).
 
     "auto" compiles on a GPU, where building a step's graph in Python op by op
-    costs more than the step itself. On the CPU the eager path, which starts
-    each layer as soon as it is built, is faster (218 vs 184 tok/s on the test
-    model)."""
+    costs more than the step itself (H100, Kimi-geometry model, 2 stages on one
+    card: 73.8 vs 66.5 tok/s). On the CPU the eager path, which starts each
+    layer as soon as it is built, is faster (test model, 2 stages: 175-186 vs
+    160-166 tok/s)."""
     if mode not in DECODE_MODES:
         raise ShardError(f"unknown decode mode {mode!r}; expected {', '.join(DECODE_MODES)}")
     if mode == "auto":
@@ -57,37 +59,36 @@ def compiled_decode(mode: str) -> bool:
     return mode == "compiled"
 
 
-class _PositionCache:
-    """mlx-lm's cache interface inside a compiled decode step: the position is
-    an array, so one traced graph serves every position; the new entry is
-    written into the preallocated buffers and attention reads all of them,
-    the mask hiding the slots past the position."""
+def _attention_in(attn: nn.Module, x: mx.array, position: mx.array) -> tuple[mx.array, ...]:
+    """mlx-lm's DeepseekV3Attention for one token, up to the KV cache, op for op:
+    (absorbed q_nope, q_pe * scale, kv_latent, k_pe), roped at `position`."""
+    B, L, _ = x.shape
+    if attn.q_lora_rank is None:
+        q = attn.q_proj(x)
+    else:
+        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+    q = q.reshape(B, L, attn.num_heads, attn.q_head_dim).transpose(0, 2, 1, 3)
+    q_nope, q_pe = mx.split(q, [attn.qk_nope_head_dim], axis=-1)
+    compressed_kv = attn.kv_a_proj_with_mqa(x)
+    compressed_kv, k_pe = mx.split(compressed_kv, [attn.kv_lora_rank], axis=-1)
+    k_pe = k_pe.reshape(B, L, 1, attn.qk_rope_head_dim).transpose(0, 2, 1, 3)
+    kv_latent = attn.kv_a_layernorm(compressed_kv)
+    q_pe = attn.rope(q_pe, position)
+    k_pe = attn.rope(k_pe, position)
+    kv_latent = mx.expand_dims(kv_latent, axis=1)
+    return attn.embed_q(q_nope), q_pe * attn.scale, kv_latent, k_pe
 
-    def __init__(self, keys: mx.array, values: mx.array, position: mx.array):
-        self.keys, self.values, self.offset = keys, values, position
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        start = self.offset[None]
-        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
-        self.values = mx.slice_update(self.values, values, start, axes=(2,))
-        return self.keys, self.values
+def _attention_core(attn: nn.Module, cache: KVCache, q_nope, q_pe, kv_latent, k_pe) -> mx.array:
+    """The part whose shapes grow with the context: cache update and attention."""
+    kv_latent, k_pe = cache.update_and_fetch(kv_latent, k_pe)
+    pe_scores = q_pe @ k_pe.swapaxes(-1, -2)
+    return scaled_dot_product_attention(q_nope, kv_latent, kv_latent, cache=cache, scale=attn.scale, mask=pe_scores)
 
 
-def _make_room(cache: KVCache) -> None:
-    """Give `cache` a free slot in a buffer whose length is a multiple of
-    KVCache.step, so a compiled step sees few distinct shapes (one trace per
-    step's worth of context). mlx-lm's KVCache grows the same way."""
-    size = cache.keys.shape[2]
-    if size > cache.offset and size % KVCache.step == 0:
-        return
-    n = (cache.offset // KVCache.step + 1) * KVCache.step
-    keep = cache.offset
-
-    def grown(a: mx.array) -> mx.array:
-        pad = mx.zeros((*a.shape[:2], n - keep, a.shape[3]), a.dtype)
-        return mx.concatenate([a[..., :keep, :], pad], axis=2)
-
-    cache.keys, cache.values = grown(cache.keys), grown(cache.values)
+def _attention_out(attn: nn.Module, out: mx.array) -> mx.array:
+    out = attn.unembed_out(out)
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(out.shape[0], 1, -1))
 
 
 @dataclass
@@ -148,32 +149,52 @@ class Shard:
             return self.inner.embed_tokens.as_linear(h)
         return self.model.lm_head(h)
 
-    def decode(self, x: mx.array, cache: list[KVCache], *, head: bool = True) -> mx.array:
-        """`self(x, cache, head=head)` for one token of one request (x of shape
-        (1, 1) or (1, 1, hidden)) as a compiled graph: one call instead of a few
-        hundred Python-built ops per step, and MLX fuses the elementwise ones.
-        The caches must hold the request's prompt already."""
-        for c in cache:
-            _make_room(c)
-        step = self._decoders.get(head)
-        if step is None:
-            step = self._decoders[head] = mx.compile(lambda *a: self._decode_graph(*a, head=head))
-        position = mx.array(cache[0].offset, dtype=mx.int32)
-        out, keys, values = step(x, position, [c.keys for c in cache], [c.values for c in cache])
-        for c, k, v in zip(cache, keys, values):
-            c.keys, c.values = k, v
-            c.offset += 1
-        return out
+    @property
+    def can_compile_decode(self) -> bool:
+        """Shard.decode knows mlx-lm's DeepseekV3 attention (Kimi-K2's); other
+        models decode eagerly."""
+        return all(isinstance(layer.self_attn, DeepseekV3Attention) for layer in self.layers)
 
-    def _decode_graph(self, x, position, keys, values, *, head: bool):
-        h = self.inner.embed_tokens(x) if self.first else x.astype(self.dtype)
-        mask = (mx.arange(keys[0].shape[2]) <= position)[None, None, None, :]
-        views = [_PositionCache(k, v, position) for k, v in zip(keys, values)]
-        for layer, c in zip(self.layers, views):
-            h = layer(h, mask, cache=c)
-        if self.last and head:
-            h = self._head(h)
-        return h, [c.keys for c in views], [c.values for c in views]
+    def decode(self, x: mx.array, cache: list[KVCache], *, head: bool = True) -> mx.array:
+        """`self(x, cache, head=head)` for one token of one request, x of shape
+        (1, 1) or (1, 1, hidden), with everything between two attention cores
+        compiled: a stage makes len(layers) + 1 compiled calls and a few ops per
+        layer instead of a few hundred Python-built ops, and MLX fuses the
+        elementwise ones. The attention core (cache update, scores over the
+        request's exact context) runs as mlx-lm runs it, so the result is
+        mlx-lm's to the bit; the position is an array, so one trace per
+        segment serves every position. The caches must hold the prompt already."""
+        position = mx.array(cache[0].offset, dtype=mx.int32)
+        h, *attn_in = self._segment(-1, head)(x, position)
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            out = _attention_core(layer.self_attn, c, *attn_in)
+            h, *attn_in = self._segment(i, head)(h, out, position)
+        return h
+
+    def _segment(self, i: int, head: bool) -> Callable:
+        """Compiled: layer i's attention output, residual and MLP (i >= 0), then
+        layer i + 1's attention input; after the last layer, the head."""
+        key = (i, head and self.last)
+        fn = self._decoders.get(key)
+        if fn is None:
+            layers = self.layers
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+
+            def segment(*args):
+                if i < 0:
+                    x, position = args
+                    h = self.inner.embed_tokens(x) if self.first else x.astype(self.dtype)
+                else:
+                    h, out, position = args
+                    layer = layers[i]
+                    h = h + _attention_out(layer.self_attn, out)
+                    h = h + layer.mlp(layer.post_attention_layernorm(h))
+                if nxt is not None:
+                    return (h, *_attention_in(nxt.self_attn, nxt.input_layernorm(h), position))
+                return (self._head(h) if key[1] else h,)
+
+            fn = self._decoders[key] = mx.compile(segment)
+        return fn
 
 
 def _trim(model: nn.Module, start: int, end: int, first: bool, last: bool) -> None:

@@ -75,11 +75,13 @@ def test_chained_stages_equal_the_whole_model(tiny_model):
 
 
 @pytest.mark.parametrize("split", [None, (0, 4)], ids=["whole", "first-stage"])
-def test_compiled_decode_equals_the_eager_pass(tiny_model, split):
-    """300 one-token steps through Shard.decode give the eager pass's outputs,
-    across a growth of the cache buffers (256 slots) and from a cache whose
-    buffers are exactly as long as the prompt (as BatchKVCache.extract leaves them)."""
+def test_compiled_decode_equals_the_eager_pass_to_the_bit(tiny_model, split):
+    """300 one-token steps through Shard.decode give exactly the eager pass's
+    outputs (the attention core runs as mlx-lm runs it; only the segments
+    between cores are compiled), past the caches' growth at 256 slots and from
+    caches whose buffers end at the prompt (as BatchKVCache.extract leaves them)."""
     shard = load_shard(tiny_model, *(split or (0, 7)))
+    assert shard.can_compile_decode
     prompt = mx.array([[3, 14, 15, 92, 65, 35, 89, 79] * 3], dtype=mx.int32)
     eager, compiled = shard.make_cache(), shard.make_cache()
     shard(prompt, eager)
@@ -90,13 +92,12 @@ def test_compiled_decode_equals_the_eager_pass(tiny_model, split):
     for i in range(300):
         want = shard(tok, eager)
         got = shard.decode(tok, compiled)
-        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4, err_msg=f"step {i}")
+        np.testing.assert_array_equal(np.array(got), np.array(want), err_msg=f"step {i}")
         if shard.last:
             tok = mx.argmax(want[:, -1, :], axis=-1, keepdims=True).astype(mx.int32)
         else:
             tok = mx.array([[(i * 37) % 1000 + 1]], dtype=mx.int32)
     assert [c.offset for c in compiled] == [c.offset for c in eager] == [24 + 300] * len(eager)
-    assert compiled[0].keys.shape[2] == 512
 
 
 def test_decode_mode_auto_compiles_only_off_the_cpu():
