@@ -505,7 +505,7 @@ class Worker:
         for m, result in zip(msgs, results):
             h = m.header
             if isinstance(result, StageError):
-                stage.release(h["req"])
+                self._forget(h["req"])  # its steps still on the ring are dropped quietly
                 log.bind_request(h["req"])
                 self._report_error(h["req"], str(result))
                 log.bind_request(None)
