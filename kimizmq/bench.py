@@ -133,13 +133,8 @@ class BenchConfig:
     system_timeout_s: float = SYSTEM_TIMEOUT_S
     device: str = ""
     dtype: str = ""
-    decode: str = "auto"  # kimizmq's runtime.decode
+    decode: str = "compiled"  # kimizmq's runtime.decode
     work: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
-
-    @property
-    def decode_graph(self) -> str:
-        compiled = self.decode == "compiled" or (self.decode == "auto" and self.gpu)
-        return "compiled" if compiled else "eager"
 
     def ttft_trials(self, prompt_tokens: int) -> int:
         """Twice for prompts up to 2048 tokens (the first run of a shape may compile
@@ -156,7 +151,7 @@ class BenchConfig:
             pinned=self.pin,
             dtype=self.dtype,
             load_avg=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            decode_graph=self.decode_graph if system == "kimizmq" else "",
+            decode_graph=self.decode if system == "kimizmq" else "",
             **kw,
         )
 
@@ -887,10 +882,10 @@ def _report(rows: list[Row], json_path: Path, *, gpu: bool, draw: bool) -> None:
 @click.option("--prefill-chunk", type=click.IntRange(1), help="kimizmq's prefill_chunk")
 @click.option(
     "--decode",
-    type=click.Choice(["auto", "compiled", "eager"]),
-    default="auto",
+    type=click.Choice(["compiled", "eager"]),
+    default="compiled",
     show_default=True,
-    help="kimizmq's one-token steps (runtime.decode; auto: compiled on a GPU)",
+    help="kimizmq's one-token steps (runtime.decode)",
 )
 @click.option("--gpus", type=click.IntRange(0), default=0, show_default=True, help="one worker / rank per GPU")
 @click.option(

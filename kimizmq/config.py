@@ -79,9 +79,9 @@ class RuntimeConfig:
     # Freed device memory each worker's MLX keeps for reuse; < 0: MLX's default
     # (about all of it). Set it when several workers share one GPU.
     cache_limit_gb: float = -1.0
-    # One-token steps as a compiled graph: "auto" (on a GPU, not on the CPU),
-    # "compiled" or "eager".
-    decode: str = "auto"
+    # One-token steps: "compiled" (the code between attention cores replayed as
+    # traced graphs; mlx-lm's numbers to the bit) or "eager" (built op by op).
+    decode: str = "compiled"
 
 
 @dataclass(frozen=True)
@@ -237,8 +237,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         bound[(h, p)] = owner
 
     runtime = _dataclass_section(RuntimeConfig, data.get("runtime", {}), f"{src} [runtime]")
-    if runtime.decode not in ("auto", "compiled", "eager"):
-        raise ConfigError(f'{src} [runtime]: decode must be "auto", "compiled" or "eager", got {runtime.decode!r}')
+    if runtime.decode not in ("compiled", "eager"):
+        raise ConfigError(f'{src} [runtime]: decode must be "compiled" or "eager", got {runtime.decode!r}')
     plan = _dataclass_section(PlanConfig, data.get("plan", {}), f"{src} [plan]")
     if plan.balance not in ("memory", "bandwidth"):
         raise ConfigError(f'{src} [plan]: balance must be "memory" or "bandwidth"')

@@ -41,21 +41,17 @@ def compute_dtype(name: str) -> mx.Dtype | None:
     return DTYPES[name]
 
 
-DECODE_MODES = ("auto", "compiled", "eager")
+DECODE_MODES = ("compiled", "eager")
 
 
 def compiled_decode(mode: str) -> bool:
-    """Whether one-token steps run as a compiled graph (`runtime.decode`).
+    """Whether one-token steps run through Shard.decode (`runtime.decode`).
 
-    "auto" compiles on a GPU, where building a step's graph in Python op by op
-    costs more than the step itself (H100, Kimi-geometry model, 2 stages on one
-    card: 73.8 vs 66.5 tok/s). On the CPU the eager path, which starts each
-    layer as soon as it is built, is faster (test model, 2 stages: 175-186 vs
-    160-166 tok/s)."""
+    Compiled is faster on both kinds of device: on the H100 (Kimi-geometry model,
+    2 stages on one card) 73.8 vs 66.5 tok/s, on 2 CPU cores (test model, 2
+    stages) 202-206 vs 168-181 tok/s. "eager" builds every step op by op."""
     if mode not in DECODE_MODES:
         raise ShardError(f"unknown decode mode {mode!r}; expected {', '.join(DECODE_MODES)}")
-    if mode == "auto":
-        return mx.default_device() != mx.cpu
     return mode == "compiled"
 
 
@@ -79,10 +75,13 @@ def _attention_in(attn: nn.Module, x: mx.array, position: mx.array) -> tuple[mx.
     return attn.embed_q(q_nope), q_pe * attn.scale, kv_latent, k_pe
 
 
-def _attention_core(attn: nn.Module, cache: KVCache, q_nope, q_pe, kv_latent, k_pe) -> mx.array:
-    """The part whose shapes grow with the context: cache update and attention."""
+def _attention_core(attn: nn.Module, cache, mask: mx.array | None, q_nope, q_pe, kv_latent, k_pe) -> mx.array:
+    """The part whose shapes grow with the context: cache update and attention
+    (`mask`: the left padding of a batch)."""
     kv_latent, k_pe = cache.update_and_fetch(kv_latent, k_pe)
     pe_scores = q_pe @ k_pe.swapaxes(-1, -2)
+    if mask is not None:
+        pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
     return scaled_dot_product_attention(q_nope, kv_latent, kv_latent, cache=cache, scale=attn.scale, mask=pe_scores)
 
 
@@ -155,20 +154,25 @@ class Shard:
         models decode eagerly."""
         return all(isinstance(layer.self_attn, DeepseekV3Attention) for layer in self.layers)
 
-    def decode(self, x: mx.array, cache: list[KVCache], *, head: bool = True) -> mx.array:
-        """`self(x, cache, head=head)` for one token of one request, x of shape
-        (1, 1) or (1, 1, hidden), with everything between two attention cores
+    def decode(self, x: mx.array, cache: list, *, head: bool = True) -> mx.array:
+        """`self(x, cache, head=head)` for one token per request, x of shape
+        (B, 1) or (B, 1, hidden), with everything between two attention cores
         compiled: a stage makes len(layers) + 1 compiled calls and a few ops per
         layer instead of a few hundred Python-built ops, and MLX fuses the
-        elementwise ones. The attention core (cache update, scores over the
+        elementwise ones. The attention core (cache update, scores over each
         request's exact context) runs as mlx-lm runs it, so the result is
-        mlx-lm's to the bit; the position is an array, so one trace per
-        segment serves every position. The caches must hold the prompt already."""
-        position = mx.array(cache[0].offset, dtype=mx.int32)
+        mlx-lm's to the bit; positions are arrays, so one trace per segment and
+        batch size serves every position. `cache`: a KVCache per layer (one
+        request) or a BatchKVCache per layer; it must hold the prompt already."""
+        first = cache[0]
+        position = first.offset if isinstance(first.offset, mx.array) else mx.array(first.offset, dtype=mx.int32)
+        mask = create_attention_mask(x, first, return_array=True)  # None for one request
         h, *attn_in = self._segment(-1, head)(x, position)
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            out = _attention_core(layer.self_attn, c, *attn_in)
+            out = _attention_core(layer.self_attn, c, mask, *attn_in)
             h, *attn_in = self._segment(i, head)(h, out, position)
+            if self.eval_per_layer:
+                mx.async_eval(h, *attn_in)
         return h
 
     def _segment(self, i: int, head: bool) -> Callable:

@@ -242,7 +242,10 @@ class Stage:
         n_layers = len(states[0].cache)
         caches = [BatchKVCache.merge([s.cache[j] for s in states]) for j in range(n_layers)]
         x = mx.concatenate([s.x for s in steps], axis=0)
-        out = self.shard(x, caches, head=True)
+        if length == 1 and self.compiled_decode and all(st.offset > 0 for st in states):
+            out = self.shard.decode(x, caches, head=True)
+        else:
+            out = self.shard(x, caches, head=True)
         if self.shard.last:
             lazy = [
                 _sample_lazy(out[b : b + 1, -1, :], st.params, step.offset + length)

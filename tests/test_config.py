@@ -36,11 +36,11 @@ def test_cache_limit_defaults_to_mlx_and_must_be_a_number(tmp_path):
         parse_config({**base, "runtime": {"cache_limit_gb": "2GB"}}, tmp_path / "k.toml")
 
 
-def test_decode_mode_is_auto_compiled_or_eager(tmp_path):
+def test_decode_mode_is_compiled_or_eager(tmp_path):
     base = {"model": {"path": "m"}, "workers": [WORKER]}
-    assert parse_config(base, tmp_path / "k.toml").runtime.decode == "auto"
+    assert parse_config(base, tmp_path / "k.toml").runtime.decode == "compiled"
     assert parse_config({**base, "runtime": {"decode": "eager"}}, tmp_path / "k.toml").runtime.decode == "eager"
-    for bad in ("fast", 1):
+    for bad in ("fast", "auto", 1):
         with pytest.raises(ConfigError, match="decode"):
             parse_config({**base, "runtime": {"decode": bad}}, tmp_path / "k.toml")
 

@@ -43,18 +43,19 @@ def reference(tiny_model):
 
 
 @pytest.mark.parametrize(
-    "n_workers,layers",
+    "n_workers,layers,decode",
     [
-        (1, None),
-        (2, None),
-        (3, [(0, 1), (1, 5), (5, 7)]),
+        (1, None, "compiled"),
+        (2, None, "compiled"),
+        (3, [(0, 1), (1, 5), (5, 7)], "compiled"),
+        (2, None, "eager"),
     ],
-    ids=["1-stage", "2-stages", "3-stages-uneven"],
+    ids=["1-stage", "2-stages", "3-stages-uneven", "2-stages-eager"],
 )
-def test_distributed_greedy_equals_mlx_lm(tiny_model, reference, tmp_path, n_workers, layers):
+def test_distributed_greedy_equals_mlx_lm(tiny_model, reference, tmp_path, n_workers, layers, decode):
     ref_tokens, ref_logprobs = reference
     assert len(set(ref_tokens)) >= 10, "the test model must give varied tokens for this oracle to bite"
-    cfg = write_config(tmp_path / "kimi.toml", tiny_model, n_workers, layers=layers)
+    cfg = write_config(tmp_path / "kimi.toml", tiny_model, n_workers, layers=layers, runtime={"decode": decode})
     with LocalCluster(cfg) as cluster:
         health = cluster.health()[1]
         assert len(health["stages"]) == n_workers
@@ -66,13 +67,13 @@ def test_distributed_greedy_equals_mlx_lm(tiny_model, reference, tmp_path, n_wor
     np.testing.assert_allclose(lp["token_logprobs"], ref_logprobs, rtol=1e-4, atol=1e-6)
 
 
-def test_compiled_decode_over_two_stages_equals_mlx_lm(tiny_model, tmp_path):
-    """runtime.decode = "compiled" (a GPU's default) runs here on the CPU: the
-    ring's one-token steps go through each stage's compiled graph, past the
-    cache's growth at 256 slots, and still give mlx-lm's tokens."""
+def test_compiled_decode_over_two_stages_equals_mlx_lm_past_the_cache_growth(tiny_model, tmp_path):
+    """The ring's one-token steps go through each stage's compiled segments
+    (runtime.decode's default), past the caches' growth at 256 slots, and still
+    give mlx-lm's tokens."""
     n = 250
     ref_tokens, ref_logprobs = reference_greedy(tiny_model, PROMPT, n)
-    cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2, runtime={"decode": "compiled"})
+    cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2)
     with LocalCluster(cfg) as cluster:
         lp = complete_ids(cluster.api, PROMPT, n)["logprobs"]
         stats = worker_stats(cluster.cfg)

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from mlx_lm.utils import _get_classes, load_model
 
 from kimizmq.checkpoint import stage_tensor_names, tensor_index
@@ -100,8 +100,30 @@ def test_compiled_decode_equals_the_eager_pass_to_the_bit(tiny_model, split):
     assert [c.offset for c in compiled] == [c.offset for c in eager] == [24 + 300] * len(eager)
 
 
-def test_decode_mode_auto_compiles_only_off_the_cpu():
-    assert compiled_decode("auto") == (mx.default_device() != mx.cpu)
+def test_compiled_batched_decode_equals_the_eager_pass_to_the_bit(tiny_model):
+    """Decode steps of requests in flight together (a BatchKVCache, left-padded
+    where their pasts differ) through Shard.decode give the eager batched pass's outputs."""
+    shard = load_shard(tiny_model, 0, 7)
+    prompts = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26, 43, 38], [2, 7]]
+
+    def batch() -> list[BatchKVCache]:
+        caches = []
+        for p in prompts:
+            c = shard.make_cache()
+            shard(mx.array([p], dtype=mx.int32), c)
+            caches.append(c)
+        return [BatchKVCache.merge([c[j] for c in caches]) for j in range(len(caches[0]))]
+
+    eager, compiled = batch(), batch()
+    tok = mx.array([[7], [8], [9]], dtype=mx.int32)
+    for i in range(40):
+        want = shard(tok, eager)
+        got = shard.decode(tok, compiled)
+        np.testing.assert_array_equal(np.array(got), np.array(want), err_msg=f"step {i}")
+        tok = mx.argmax(want[:, -1, :], axis=-1, keepdims=True).astype(mx.int32)
+
+
+def test_decode_mode_is_compiled_or_eager():
     assert compiled_decode("compiled") and not compiled_decode("eager")
     with pytest.raises(ShardError, match="unknown decode mode 'fast'"):
         compiled_decode("fast")
