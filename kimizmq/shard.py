@@ -113,12 +113,13 @@ class Shard:
 
     @property
     def eval_per_layer(self) -> bool:
-        """Start each layer as soon as its graph is built, so the device computes
-        it while Python builds the next (mlx-lm's generate_step gets this overlap
-        by building step n+1 while step n runs; a stage waits for its input
-        instead). On the CPU a decode step of the test model gets 15 % faster; on
-        CUDA each evaluation costs ~0.4 ms and the Kimi-geometry model got 35 %
-        slower, so GPUs evaluate a stage's layers at once."""
+        """Start each layer (or compiled segment) as soon as its graph is built,
+        so the device computes it while Python builds the next (mlx-lm's
+        generate_step gets this overlap by building step n+1 while step n runs;
+        a stage waits for its input instead). On the CPU a decode step of the
+        test model gets 15 % faster; on CUDA each evaluation costs ~0.4 ms and
+        the Kimi-geometry model got 35 % slower, so GPUs evaluate a stage's
+        layers at once."""
         return mx.default_device() == mx.cpu
 
     @property

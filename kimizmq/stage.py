@@ -133,7 +133,7 @@ class Stage:
 
     def __init__(self, shard: Shard, *, max_requests: int, max_context: int, compiled_decode: bool = False):
         self.shard = shard
-        # lone one-token steps through Shard.decode, where the model allows it
+        # one-token steps (lone or batched) through Shard.decode, where the model allows it
         self.compiled_decode = compiled_decode and shard.can_compile_decode
         self.max_requests = max_requests
         self.max_context = max_context
