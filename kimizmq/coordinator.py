@@ -169,6 +169,7 @@ class Engine:
             "max_requests": self.cfg.runtime.max_concurrent,
             "max_context": self.cfg.runtime.max_context,
             "reserve_bytes": stages[i].reserved_bytes,  # the plan's KV caches + margin
+            "stages": len(stages),
         }
 
     async def load_all(self) -> None:

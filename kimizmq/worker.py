@@ -43,6 +43,7 @@ from .stage import ForwardResult, Stage, StageError, Step
 
 POLL_MS = 100
 MAX_BATCH = 16  # data messages taken per loop round
+MAX_STAGES = 1024  # a load's `stages` (Kimi-K2 has 61 layers)
 EVICT_SWEEP_S = 5.0  # how often idle requests are looked for
 LOG_CHUNK_BYTES = 48 * 1024  # of log per `logs` reply: a reply header stays under 64 KiB
 SEND_TIMEOUT_MS = 5000
@@ -65,6 +66,7 @@ class LoadSpec:
     max_requests: int
     max_context: int
     reserve_bytes: int
+    stages: int  # of the pipeline: the first stage splits waves into this many batches
 
     @classmethod
     def from_args(cls, args: dict, cfg: Config) -> LoadSpec:
@@ -79,18 +81,21 @@ class LoadSpec:
                 max_requests=args.get("max_requests", cfg.runtime.max_concurrent),
                 max_context=args.get("max_context", cfg.runtime.max_context),
                 reserve_bytes=args.get("reserve_bytes", LOAD_MARGIN_BYTES),
+                stages=args.get("stages", 1),
             )
         except KeyError as e:
             raise ValueError(f"load needs {e.args[0]!r}") from None
-        ints = (spec.start, spec.end, spec.max_requests, spec.max_context, spec.reserve_bytes)
+        ints = (spec.start, spec.end, spec.max_requests, spec.max_context, spec.reserve_bytes, spec.stages)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
-            raise ValueError("load: start, end, max_requests and max_context must be integers")
+            raise ValueError("load: start, end, max_requests, max_context and stages must be integers")
         if not all(isinstance(v, str) for v in (*spec.peers, spec.dtype)):
             raise ValueError("load: next, report, first and dtype must be strings")
         if not all(a.startswith("tcp://") for a in spec.peers):
             raise ValueError("load: next, report and first must be tcp:// addresses")
         if not 0 <= spec.start < spec.end or spec.max_requests < 1 or spec.max_context < 1:
             raise ValueError("load: needs 0 <= start < end, max_requests >= 1 and max_context >= 1")
+        if not 1 <= spec.stages <= MAX_STAGES:
+            raise ValueError(f"load: stages must be in 1..{MAX_STAGES}")
         return spec
 
     @property
@@ -141,6 +146,7 @@ class Worker:
             "loads": 0,
             "dropped_after_release": 0,
             "coordinator_not_reading": 0,
+            "split_waves": 0,  # first stage: waves sent on as one batch per stage
         }
         self.running = True
         self._last_sweep = time.monotonic()
@@ -276,6 +282,7 @@ class Worker:
         if same and self.state in ("loading", "ready"):
             # Idempotent: a repeated load (lost reply, restarted coordinator) keeps the shard.
             self._connect(spec)
+            self.spec = spec
             return self.cmd_health({})
         if self.state == "loading":
             raise ValueError("a different shard is still loading; unload first")
@@ -449,7 +456,22 @@ class Worker:
             for m in wave:  # first: a wave holds one message per request, so these free room
                 if m.kind == "release":
                     self._release(m.header["req"])
-            self._forward([m for m in wave if m.kind == "forward"])
+            forwards = [m for m in wave if m.kind == "forward"]
+            for part in self._micro_batches(forwards):
+                self._forward(part)
+
+    def _micro_batches(self, forwards: list[wire.Message]) -> list[list[wire.Message]]:
+        """The first stage sends a wave on as one batch per stage of the
+        pipeline, each sent as soon as it is computed: the next stage works on
+        one while this one computes the next, where a single batch would leave
+        all stages but one idle (2 stages, 2 CPU cores: aggregate c=8 261 vs 241
+        tok/s, c=16 300 vs 269, means of 4 runs). Later stages take what arrives."""
+        n = self.spec.stages if self.spec and self.stage and self.stage.shard.first else 1
+        if n < 2 or len(forwards) < 2:
+            return [forwards]
+        self.counters["split_waves"] += 1
+        size = -(-len(forwards) // min(n, len(forwards)))
+        return [forwards[i : i + size] for i in range(0, len(forwards), size)]
 
     def _release(self, req: str) -> None:
         log.bind_request(req)

@@ -43,6 +43,9 @@ def test_concurrent_requests_are_batched_and_token_identical(tiny_model, tmp_pat
     batched = {n: s["batched_forwards"] - before[n]["batched_forwards"] for n, s in after.items()}
     assert any(b > 0 for b in batched.values()), f"no decode step was batched: {batched}"
     assert all(s["active_requests"] == [] for s in after.values())
+    # the first stage sent waves on in one batch per stage, so both stages computed at once
+    assert after["w0"]["split_waves"] > before["w0"]["split_waves"]
+    assert after["w1"]["split_waves"] == 0
 
 
 def test_prompts_that_arrive_together_are_prefilled_as_one_batch(tiny_model, tmp_path):

@@ -177,6 +177,22 @@ def malformed_commands() -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]
             )
         ],
         "release without req": [head(kind="command", cmd="release", id="8", args={"req": 5})],
+        "load with zero stages": [
+            head(
+                kind="command",
+                cmd="load",
+                id="11",
+                args={"start": 0, "end": 3, "next": "tcp://127.0.0.1:1", "stages": 0},
+            )
+        ],
+        "load with stages a float": [
+            head(
+                kind="command",
+                cmd="load",
+                id="12",
+                args={"start": 0, "end": 3, "next": "tcp://127.0.0.1:1", "stages": 2.0},
+            )
+        ],
     }
     return bad, refused
 
