@@ -85,6 +85,13 @@ def _attention_core(attn: nn.Module, cache, mask: mx.array | None, q_nope, q_pe,
     return scaled_dot_product_attention(q_nope, kv_latent, kv_latent, cache=cache, scale=attn.scale, mask=pe_scores)
 
 
+def _head(model: nn.Module, h: mx.array) -> mx.array:
+    h = model.model.norm(h)
+    if getattr(model.args, "tie_word_embeddings", False):
+        return model.model.embed_tokens.as_linear(h)
+    return model.lm_head(h)
+
+
 def _attention_out(attn: nn.Module, out: mx.array) -> mx.array:
     out = attn.unembed_out(out)
     return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(out.shape[0], 1, -1))
@@ -141,13 +148,7 @@ class Shard:
                 mx.async_eval(h)
         if not (self.last and head):
             return h
-        return self._head(h[:, -1:, :])
-
-    def _head(self, h: mx.array) -> mx.array:
-        h = self.inner.norm(h)
-        if getattr(self.model.args, "tie_word_embeddings", False):
-            return self.inner.embed_tokens.as_linear(h)
-        return self.model.lm_head(h)
+        return _head(self.model, h[:, -1:, :])
 
     @property
     def can_compile_decode(self) -> bool:
@@ -182,13 +183,15 @@ class Shard:
         key = (i, head and self.last)
         fn = self._decoders.get(key)
         if fn is None:
-            layers = self.layers
+            # The closure holds the modules, not the Shard: no reference cycle,
+            # so dropping a stage frees its weights at once, not at the next GC.
+            model, first, dtype, layers = self.model, self.first, self.dtype, self.layers
             nxt = layers[i + 1] if i + 1 < len(layers) else None
 
             def segment(*args):
                 if i < 0:
                     x, position = args
-                    h = self.inner.embed_tokens(x) if self.first else x.astype(self.dtype)
+                    h = model.model.embed_tokens(x) if first else x.astype(dtype)
                 else:
                     h, out, position = args
                     layer = layers[i]
@@ -196,7 +199,7 @@ class Shard:
                     h = h + layer.mlp(layer.post_attention_layernorm(h))
                 if nxt is not None:
                     return (h, *_attention_in(nxt.self_attn, nxt.input_layernorm(h), position))
-                return (self._head(h) if key[1] else h,)
+                return (_head(model, h) if key[1] else h,)
 
             fn = self._decoders[key] = mx.compile(segment)
         return fn

@@ -1,12 +1,17 @@
 """A worker checks free memory before loading and refuses cleanly instead of
-swapping; the coordinator's error names the worker."""
+swapping; the coordinator's error names the worker; freed memory is bounded
+and a dropped stage gives its weights back at once."""
 
 from __future__ import annotations
 
+import gc
+
+import mlx.core as mx
 import pytest
 
 from kimizmq.local import LocalCluster, write_config
 from kimizmq.plan import available_memory_bytes, make_plan
+from kimizmq.shard import load_shard
 from tests.support import complete_ids, log_events, worker_stats
 
 
@@ -44,3 +49,23 @@ def test_cache_limit_bounds_the_memory_a_worker_keeps_freed(tiny_model, tmp_path
     else:
         assert all(e["cache_limit_bytes"] == 0 for e in started)
         assert all(s["cache_memory_bytes"] == 0 for s in stats.values()), stats
+
+
+def test_a_dropped_shard_frees_its_weights_at_once_after_compiled_decode(tiny_model):
+    """Compiled decode keeps its traces on the Shard; they hold the modules, not
+    the Shard, so an unload (dropping the stage) frees the weights at once rather
+    than at some later garbage collection, when a new shard may be loading."""
+    base = mx.get_active_memory()
+    gc.disable()
+    try:
+        shard = load_shard(tiny_model, 0, 7)
+        cache = shard.make_cache()
+        shard(mx.array([[1, 2, 3]], dtype=mx.int32), cache)
+        for _ in range(3):
+            mx.eval(shard.decode(mx.array([[5]], dtype=mx.int32), cache))
+        loaded = mx.get_active_memory()
+        assert loaded - base > shard.nbytes // 2
+        del shard, cache
+        assert mx.get_active_memory() - base < 64 * 1024
+    finally:
+        gc.enable()
