@@ -137,6 +137,11 @@ def malformed_on_data(first: bool, hidden: int) -> tuple[dict[str, list[bytes]],
     return bad, {**stage, **stage_free}
 
 
+def load(id_: str, **args) -> bytes:
+    """A load command for layers [0, 3) with `args` on top."""
+    return head(kind="command", cmd="load", id=id_, args={"start": 0, "end": 3, "next": "tcp://127.0.0.1:1", **args})
+
+
 def malformed_commands() -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]]:
     """(refused as messages, refused as commands) for a worker's control socket."""
     bad = malformed_anywhere()
@@ -160,39 +165,11 @@ def malformed_commands() -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]
             head(kind="command", cmd="load", id="6", args={"start": 0, "end": 3, "next": "ipc:///tmp/x"})
         ],
         "load without next": [head(kind="command", cmd="load", id="7", args={"start": 0, "end": 3})],
-        "load with a non-tcp first stage": [
-            head(
-                kind="command",
-                cmd="load",
-                id="9",
-                args={"start": 0, "end": 3, "next": "tcp://127.0.0.1:1", "first": "ipc:///tmp/x"},
-            )
-        ],
-        "load with a number for first": [
-            head(
-                kind="command",
-                cmd="load",
-                id="10",
-                args={"start": 0, "end": 3, "next": "tcp://127.0.0.1:1", "first": 5},
-            )
-        ],
+        "load with a non-tcp first stage": [load("9", first="ipc:///tmp/x")],
+        "load with a number for first": [load("10", first=5)],
         "release without req": [head(kind="command", cmd="release", id="8", args={"req": 5})],
-        "load with zero stages": [
-            head(
-                kind="command",
-                cmd="load",
-                id="11",
-                args={"start": 0, "end": 3, "next": "tcp://127.0.0.1:1", "stages": 0},
-            )
-        ],
-        "load with stages a float": [
-            head(
-                kind="command",
-                cmd="load",
-                id="12",
-                args={"start": 0, "end": 3, "next": "tcp://127.0.0.1:1", "stages": 2.0},
-            )
-        ],
+        "load with zero stages": [load("11", stages=0)],
+        "load with stages a float": [load("12", stages=2.0)],
     }
     return bad, refused
 
