@@ -64,6 +64,9 @@ class CoordinatorConfig:
         return f"tcp://{self.host}:{self.result_port}"
 
 
+DECODE_MODES = ("compiled", "eager")  # runtime.decode
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype on GPU
@@ -237,7 +240,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         bound[(h, p)] = owner
 
     runtime = _dataclass_section(RuntimeConfig, data.get("runtime", {}), f"{src} [runtime]")
-    if runtime.decode not in ("compiled", "eager"):
+    if runtime.decode not in DECODE_MODES:
         raise ConfigError(f'{src} [runtime]: decode must be "compiled" or "eager", got {runtime.decode!r}')
     plan = _dataclass_section(PlanConfig, data.get("plan", {}), f"{src} [plan]")
     if plan.balance not in ("memory", "bandwidth"):

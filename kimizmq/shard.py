@@ -21,6 +21,7 @@ from mlx_lm.models.deepseek_v3 import DeepseekV3Attention
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config
 
 from .checkpoint import stage_tensor_names, tensor_index
+from .config import DECODE_MODES
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -39,9 +40,6 @@ def compute_dtype(name: str) -> mx.Dtype | None:
     if name not in DTYPES:
         raise ShardError(f"unknown dtype {name!r}; expected auto, {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-DECODE_MODES = ("compiled", "eager")
 
 
 def compiled_decode(mode: str) -> bool:
@@ -169,11 +167,12 @@ class Shard:
         first = cache[0]
         position = first.offset if isinstance(first.offset, mx.array) else mx.array(first.offset, dtype=mx.int32)
         mask = create_attention_mask(x, first, return_array=True)  # None for one request
+        overlap = self.eval_per_layer
         h, *attn_in = self._segment(-1, head)(x, position)
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             out = _attention_core(layer.self_attn, c, mask, *attn_in)
             h, *attn_in = self._segment(i, head)(h, out, position)
-            if self.eval_per_layer:
+            if overlap:
                 mx.async_eval(h, *attn_in)
         return h
 
