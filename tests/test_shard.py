@@ -15,7 +15,7 @@ from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from mlx_lm.utils import _get_classes, load_model
 
 from kimizmq.checkpoint import stage_tensor_names, tensor_index
-from kimizmq.shard import ShardError, compiled_decode, load_shard
+from kimizmq.shard import Shard, ShardError, compiled_decode, load_shard
 
 
 def _rchar() -> int:
@@ -100,10 +100,15 @@ def test_compiled_decode_equals_the_eager_pass_to_the_bit(tiny_model, split):
     assert [c.offset for c in compiled] == [c.offset for c in eager] == [24 + 300] * len(eager)
 
 
-def test_compiled_batched_decode_equals_the_eager_pass_to_the_bit(tiny_model):
+@pytest.mark.parametrize("every", [1, 3], ids=["start-every-layer", "start-every-3-layers"])
+def test_compiled_batched_decode_equals_the_eager_pass_to_the_bit(tiny_model, every, monkeypatch):
     """Decode steps of requests in flight together (a BatchKVCache, left-padded
-    where their pasts differ) through Shard.decode give the eager batched pass's outputs."""
+    where their pasts differ) through Shard.decode give the eager batched pass's
+    outputs, however often the layers are started (every layer on the CPU,
+    every GPU_DECODE_EVAL_EVERY on a GPU)."""
+    monkeypatch.setattr(Shard, "decode_eval_every", every)
     shard = load_shard(tiny_model, 0, 7)
+    assert shard.decode_eval_every == every
     prompts = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26, 43, 38], [2, 7]]
 
     def batch() -> list[BatchKVCache]:
