@@ -327,20 +327,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 def _logprobs_block(engine: Engine, events: list[Event], offset: int) -> dict:
-    tokens, lps, tops, offsets = [], [], [], []
-    for ev in events:
-        piece = engine.tokenizer.decode([ev.token])
-        tokens.append(piece)
-        lps.append(ev.logprob)
-        tops.append({engine.tokenizer.decode([i]): v for i, v in (ev.top_logprobs or [])})
+    ids = [t for ev in events for t in ev.tokens]
+    tops = [top for ev in events for top in (ev.top_logprobs or [[]] * len(ev.tokens))]
+    pieces, offsets = [], []
+    for t in ids:
+        pieces.append(engine.tokenizer.decode([t]))
         offsets.append(offset)
-        offset += len(piece)
+        offset += len(pieces[-1])
     return {
-        "tokens": tokens,
-        "token_logprobs": lps,
-        "top_logprobs": tops,
+        "tokens": pieces,
+        "token_logprobs": [lp for ev in events for lp in ev.logprobs],
+        "top_logprobs": [{engine.tokenizer.decode([i]): v for i, v in top} for top in tops],
         "text_offset": offsets,
-        "token_ids": [e.token for e in events],
+        "token_ids": ids,
     }
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import click
 
-from .config import load_config
+from .config import MAX_STREAM_INTERVAL_MS, RuntimeConfig, load_config
 from .local import LocalCluster, write_config
 
 DEFAULT_OUT = "bench-results"
@@ -105,6 +105,7 @@ class Row:
     dtype: str = ""
     load_avg: float | None = None  # the machine's 1-minute load average when measured: others' work skews CPU rows
     decode_graph: str = ""  # kimizmq: its stages' one-token steps, "compiled" or "eager" (runtime.decode)
+    stream_interval_ms: float | None = None  # kimizmq: runtime.stream_interval_ms (tokens gathered into runs)
     error: str | None = None
 
     @classmethod
@@ -134,6 +135,7 @@ class BenchConfig:
     device: str = ""
     dtype: str = ""
     decode: str = "compiled"  # kimizmq's runtime.decode
+    stream_interval_ms: float = RuntimeConfig.stream_interval_ms  # kimizmq's runtime.stream_interval_ms
     work: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
 
     def ttft_trials(self, prompt_tokens: int) -> int:
@@ -152,6 +154,7 @@ class BenchConfig:
             dtype=self.dtype,
             load_avg=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
             decode_graph=self.decode if system == "kimizmq" else "",
+            stream_interval_ms=self.stream_interval_ms if system == "kimizmq" else None,
             **kw,
         )
 
@@ -568,6 +571,7 @@ def _kimizmq_rows(bc: BenchConfig, stages: int, rows: list[Row], *, chunk: int |
         # a long unchunked prefill keeps a CPU worker busy for minutes: not a dead worker
         "liveness_timeout_s": 3600.0,
         "decode": bc.decode,
+        "stream_interval_ms": bc.stream_interval_ms,
     }
     if stages > max(bc.gpus, 1):  # workers share a device: no process may hoard freed memory
         runtime["cache_limit_gb"] = SHARED_DEVICE_CACHE_GB
@@ -887,6 +891,13 @@ def _report(rows: list[Row], json_path: Path, *, gpu: bool, draw: bool) -> None:
     show_default=True,
     help="kimizmq's one-token steps (runtime.decode)",
 )
+@click.option(
+    "--stream-interval-ms",
+    type=click.FloatRange(0, MAX_STREAM_INTERVAL_MS),
+    default=RuntimeConfig.stream_interval_ms,
+    show_default=True,
+    help="kimizmq's runtime.stream_interval_ms (0: every token sent on its own)",
+)
 @click.option("--gpus", type=click.IntRange(0), default=0, show_default=True, help="one worker / rank per GPU")
 @click.option(
     "--pin/--no-pin",
@@ -902,7 +913,7 @@ def _report(rows: list[Row], json_path: Path, *, gpu: bool, draw: bool) -> None:
 @click.option("--replot", type=click.Path(dir_okay=False, exists=True), help="print and draw an earlier JSON; no run")
 def bench_command(
     model_dir, kimi_geometry, layers, models_dir, quick, systems, decode_tokens, aggregate_tokens, concurrency_text, prompts_text,
-    nochunk_prompt, prefill_chunk, decode, gpus, pin, system_timeout, out_dir, name, no_plot, replot,
+    nochunk_prompt, prefill_chunk, decode, stream_interval_ms, gpus, pin, system_timeout, out_dir, name, no_plot, replot,
 ):  # fmt: skip
     """Measure kimizmq (1, 2, 3 stages on loopback) against single-process mlx-lm and
     mlx-lm's own pipeline: decode tokens/s, aggregate tokens/s under concurrency,
@@ -942,6 +953,7 @@ def bench_command(
     bc.dtype = "bfloat16 activations (the checkpoint's)" if gpu else "float32"
     bc.pin = bool(pin)
     bc.decode = decode
+    bc.stream_interval_ms = stream_interval_ms
     if quick:
         bc.decode_tokens, bc.decode_trials = 48, 2
         bc.aggregate_tokens = 32

@@ -85,6 +85,10 @@ class RuntimeConfig:
     # One-token steps: "compiled" (the code between attention cores replayed as
     # traced graphs; mlx-lm's numbers to the bit) or "eager" (built op by op).
     decode: str = "compiled"
+    # The last stage sends a request's tokens to the coordinator at most this
+    # often (its first and last at once), a run of them at a time: fewer
+    # wake-ups for the coordinator and the client. 0: every token on its own.
+    stream_interval_ms: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,7 @@ class Config:
         raise ConfigError(f"{self.path}: no worker named {name!r} (known: {known})")
 
 
+MAX_STREAM_INTERVAL_MS = 1000
 COORDINATOR_DEFAULT_PORTS = {"api_port": 52415, "result_port": 52400}
 WORKER_REQUIRED_PORTS = ("control_port", "data_port")
 
@@ -242,6 +247,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     runtime = _dataclass_section(RuntimeConfig, data.get("runtime", {}), f"{src} [runtime]")
     if runtime.decode not in DECODE_MODES:
         raise ConfigError(f'{src} [runtime]: decode must be "compiled" or "eager", got {runtime.decode!r}')
+    if not 0 <= runtime.stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
+        raise ConfigError(f"{src} [runtime]: stream_interval_ms must be in 0..{MAX_STREAM_INTERVAL_MS}")
     plan = _dataclass_section(PlanConfig, data.get("plan", {}), f"{src} [plan]")
     if plan.balance not in ("memory", "bandwidth"):
         raise ConfigError(f'{src} [plan]: balance must be "memory" or "bandwidth"')

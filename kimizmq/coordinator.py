@@ -53,9 +53,11 @@ class Event:
 
     kind: str  # "token" | "done" | "error"
     text: str = ""
-    token: int | None = None
-    logprob: float | None = None
-    top_logprobs: list | None = None
+    # "token": the tokens this event streams (one `tokens` message's worth),
+    # a logprob each and, where asked for, each one's top alternatives
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list] | None = None
     finish_reason: str | None = None
     message: str | None = None
 
@@ -72,6 +74,7 @@ class Request:
     seq: int = 0
     text: str = ""
     emitted: int = 0
+    cut: int | None = None  # where a stop string starts in `text`
     finish_reason: str | None = None
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -408,10 +411,10 @@ class Engine:
             frames = await self.pull.recv_multipart()
             try:
                 msg = wire.decode(frames)
-                if msg.kind not in ("token", "error"):
-                    raise wire.WireError(f"the result socket takes token and error messages, got {msg.kind}")
-                if msg.kind == "token":
-                    wire.check_token(msg.header, self.tokenizer.vocab_size)
+                if msg.kind not in ("tokens", "error"):
+                    raise wire.WireError(f"the result socket takes tokens and error messages, got {msg.kind}")
+                if msg.kind == "tokens":
+                    wire.check_tokens(msg.header, self.tokenizer.vocab_size)
             except wire.WireError as e:
                 self.metrics["bad_messages"] += 1
                 logger.warning("bad_result_message", error=str(e))
@@ -420,8 +423,8 @@ class Engine:
             if req is None:  # a request already finished or cancelled, or a stranger's id
                 logger.info("result_for_unknown_request", wire_id=msg.header["req"], kind=msg.kind)
                 continue
-            if msg.kind == "token" and msg.header["seq"] == req.seq:
-                self._on_token(req, msg.header)
+            if msg.kind == "tokens" and msg.header["seq"] == req.seq:
+                self._on_tokens(req, msg.header)
             elif msg.kind == "error" and req.paused:
                 logger.warning("error_while_recovering", request_id=req.id, error=msg.header["message"])
             elif msg.kind == "error":
@@ -432,15 +435,45 @@ class Engine:
             else:
                 logger.warning("unexpected_result", request_id=req.id, kind=msg.kind)
 
-    def _on_token(self, req: Request, h: dict) -> None:
+    def _on_tokens(self, req: Request, h: dict) -> None:
+        """A run of sampled tokens: each is detokenized and checked for the
+        request's end in turn (tokens after the end are dropped), then the run
+        goes to the client as one event."""
         now = time.monotonic()
         if req.first_token_at is None:
             req.first_token_at = now
             self.latency["ttft_s"].observe(now - req.submitted)
-        else:
-            self.latency["itl_s"].observe(now - req.last_token_at)
+        else:  # the stage sends a run at a time: its gap shared by its tokens
+            gap = (now - req.last_token_at) / len(h["tokens"])
+            for _ in h["tokens"]:
+                self.latency["itl_s"].observe(gap)
         req.last_token_at = now
-        token = h["token"]
+        tops = h.get("top_logprobs")
+        ev = Event("token", top_logprobs=None if tops is None else [])
+        for i, token in enumerate(h["tokens"]):
+            self._take_token(req, token)
+            ev.tokens.append(token)
+            ev.logprobs.append(h["logprobs"][i])
+            if tops is not None:
+                ev.top_logprobs.append(tops[i])
+            if req.finish_reason is not None:
+                break
+        # The stages already run the next steps (the last one fed each token to
+        # the first). A stop found above releases the request; the steps still
+        # on the ring are dropped there, their tokens here.
+        upto = len(req.text) if req.finish_reason is not None else len(req.text) - _held_back(req.text, req.stop)
+        if req.cut is not None:
+            upto = req.cut
+        ev.text = req.text[req.emitted : max(upto, req.emitted)]
+        req.emitted = max(upto, req.emitted)
+        req.events.put_nowait(ev)
+        if req.finish_reason is not None:
+            logger.info("request_finished", reason=req.finish_reason, tokens=len(req.tokens), request_id=req.id)
+            req.events.put_nowait(Event("done", finish_reason=req.finish_reason))
+
+    def _take_token(self, req: Request, token: int) -> None:
+        """One sampled token: the request's text and, if it ends here, why
+        (an end-of-sequence token, max_tokens, a stop string: `req.cut`)."""
         self.metrics["tokens_generated"] += 1
         req.tokens.append(token)
         req.seq += 1
@@ -448,34 +481,16 @@ class Engine:
             req.finish_reason = "stop"
         elif len(req.tokens) >= req.max_tokens:
             req.finish_reason = "length"
-        # The stages already run the next step (the last one fed this token to
-        # the first). A stop string found below releases the request; the
-        # steps still on the ring are dropped there, their tokens here.
         delta = req.detok.add_token(token) if req.finish_reason != "stop" else ""
         if req.finish_reason is not None:
             delta += req.detok.finalize()
         req.text += delta
-        cut = None
         if req.stop:
             search_from = max(0, req.emitted - max(len(s) for s in req.stop))
             hits = [i for s in req.stop if (i := req.text.find(s, search_from)) >= 0]
             if hits:
-                cut = min(hits)
+                req.cut = min(hits)
                 req.finish_reason = "stop"
-        if cut is not None:
-            upto = cut
-        elif req.finish_reason is not None:
-            upto = len(req.text)
-        else:
-            upto = len(req.text) - _held_back(req.text, req.stop)
-        text = req.text[req.emitted : max(upto, req.emitted)]
-        req.emitted = max(upto, req.emitted)
-        req.events.put_nowait(
-            Event("token", text=text, token=token, logprob=h["logprob"], top_logprobs=h.get("top_logprobs"))
-        )
-        if req.finish_reason is not None:
-            logger.info("request_finished", reason=req.finish_reason, tokens=len(req.tokens), request_id=req.id)
-            req.events.put_nowait(Event("done", finish_reason=req.finish_reason))
 
     # -- status -------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import msgpack
 import numpy as np
 import zmq
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: `tokens` carries a run of sampled tokens (was `token`, one)
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_TENSOR_BYTES = 1 << 30
 MAX_ID_CHARS = 128
@@ -45,9 +45,9 @@ _ENVELOPE = frozenset({"v", "kind", "tensors"})
 # Rules for a field of this name in every kind. Ids may be "": a worker replies
 # with id "" to a command it could not read.
 _ID_FIELDS = frozenset({"req", "id", "cmd"})  # at most MAX_ID_CHARS
-_COUNT_FIELDS = frozenset({"seq", "offset", "token", "stop_at"})  # non-negative
-_ID_LIST_FIELDS = frozenset({"eos"})  # lists of non-negative ints, at most MAX_ID_LIST
-MAX_ID_LIST = 64
+_COUNT_FIELDS = frozenset({"seq", "offset", "stop_at"})  # non-negative
+_ID_LIST_FIELDS = frozenset({"eos", "tokens"})  # lists of non-negative ints, at most MAX_ID_LIST
+MAX_ID_LIST = 64  # also the most tokens one `tokens` message carries
 
 FieldType = type | tuple[type, ...]
 TensorCheck = Callable[[str, list[int]], str | None]
@@ -94,8 +94,11 @@ SCHEMAS: dict[str, Schema] = {
         check_tensor=_forward_tensor,
     ),
     "release": Schema({"req": str}),
-    "token": Schema(
-        {"req": str, "seq": int, "token": int, "logprob": float},
+    # The last stage's sampled tokens for the coordinator, a run of them in
+    # sampling order (the stage gathers them for `stream_interval_ms`): `seq`
+    # is the first one's, `logprobs` and `top_logprobs` have one entry per token.
+    "tokens": Schema(
+        {"req": str, "seq": int, "tokens": list, "logprobs": list},
         {"top_logprobs": list},
     ),
     "error": Schema({"req": str, "message": str}),
@@ -158,16 +161,23 @@ def decode(
     return Message(kind, fields, tensors)
 
 
-def check_token(header: dict, vocab_size: int) -> None:
-    """A decoded `token` message's values beyond their types: every id inside
-    the vocabulary, every logprob a number that is not NaN or +inf."""
-    top = header.get("top_logprobs") or []
-    if not all(isinstance(p, list) and len(p) == 2 and _type_ok(p[0], int) and _type_ok(p[1], float) for p in top):
-        raise WireError("token: top_logprobs must be a list of [token id, logprob] pairs")
-    if not all(0 <= i < vocab_size for i in [header["token"], *(p[0] for p in top)]):
-        raise WireError(f"token: token id outside the vocabulary 0..{vocab_size - 1}")
-    if any(math.isnan(lp) or lp == math.inf for lp in [header["logprob"], *(p[1] for p in top)]):
-        raise WireError("token: logprob is NaN or +inf")
+def check_tokens(header: dict, vocab_size: int) -> None:
+    """A decoded `tokens` message's values beyond their types: at least one
+    token, one logprob (and one top_logprobs list, if any) per token, every id
+    inside the vocabulary, every logprob a number that is not NaN or +inf."""
+    tokens, logprobs, tops = header["tokens"], header["logprobs"], header.get("top_logprobs")
+    if not tokens:
+        raise WireError("tokens: carries no token")
+    if len(logprobs) != len(tokens) or (tops is not None and len(tops) != len(tokens)):
+        raise WireError("tokens: logprobs and top_logprobs need one entry per token")
+    pairs = [p for top in tops or () for p in (top if isinstance(top, list) else [None])]
+    if not all(isinstance(p, list) and len(p) == 2 and _type_ok(p[0], int) and _type_ok(p[1], float) for p in pairs):
+        raise WireError("tokens: top_logprobs must hold a list of [token id, logprob] pairs per token")
+    if not all(0 <= i < vocab_size for i in [*tokens, *(p[0] for p in pairs)]):
+        raise WireError(f"tokens: token id outside the vocabulary 0..{vocab_size - 1}")
+    lps = [*logprobs, *(p[1] for p in pairs)]
+    if not all(_type_ok(lp, float) and not math.isnan(lp) and lp != math.inf for lp in lps):
+        raise WireError("tokens: a logprob is not a number, or NaN or +inf")
 
 
 def _schema(kind: object) -> Schema:

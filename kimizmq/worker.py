@@ -14,6 +14,9 @@ sends the token to stage 0 and, after that, to the coordinator, until the
 forward's `stop_at` length or one of its `eos` tokens. The coordinator only
 streams text, and ends a request early (stop string, client gone) by
 releasing it: steps still on the ring then find it gone and are dropped.
+Tokens for the coordinator go as runs: a request's first and last token at
+once, the others gathered for `runtime.stream_interval_ms` (fewer wake-ups for
+the coordinator and the client when tokens come faster than anyone reads).
 
 The loop reads top to bottom: poll with a timeout, answer a command, run the
 waiting data messages, read one more module of a load in progress, repeat:
@@ -22,13 +25,14 @@ loading shares the loop (and its thread, as MLX wants) so health keeps answering
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import click
 import mlx.core as mx
@@ -53,6 +57,22 @@ LOAD_MARGIN_BYTES = 1 << 30  # beyond the shard's own bytes when the load names 
 RELEASED_MEMORY = 4096  # released request ids remembered, so late ring steps drop quietly
 
 logger = log.get_logger()
+
+
+@dataclass
+class TokenRun:
+    """Last stage: a request's sampled tokens not yet sent to the coordinator."""
+
+    seq: int  # the first one's
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list] | None = None
+
+    def message(self, req: str) -> list:
+        out = {"req": req, "seq": self.seq, "tokens": self.tokens, "logprobs": self.logprobs}
+        if self.top_logprobs is not None:
+            out["top_logprobs"] = self.top_logprobs
+        return wire.encode("tokens", out)
 
 
 @dataclass
@@ -130,6 +150,9 @@ class Worker:
         self.connected: dict[str, str] = {}  # "next"/"report"/"loop" -> address
         self.pending: list[wire.Message] = []  # decode steps a single stage fed itself
         self.released: OrderedDict[str, None] = OrderedDict()
+        self.stream_interval = cfg.runtime.stream_interval_ms / 1e3
+        self.outbox: dict[str, TokenRun] = {}  # last stage: tokens waiting to go out
+        self.sent_at: dict[str, float] = {}  # last stage: when each request's last run went
 
         self.state = "idle"  # idle | loading | ready | error
         self.error: str | None = None
@@ -143,6 +166,7 @@ class Worker:
             "stage_errors": 0,
             "requests_started": 0,
             "tokens_sampled": 0,
+            "token_messages": 0,  # runs of tokens sent to the coordinator
             "loads": 0,
             "dropped_after_release": 0,
             "coordinator_not_reading": 0,
@@ -178,12 +202,14 @@ class Worker:
         )
         while self.running:
             busy = self.loader is not None or self.pending
-            events = dict(poller.poll(0 if busy else POLL_MS))
+            events = dict(poller.poll(0 if busy else self._poll_ms()))
             if self.control in events:
                 self.control.send_multipart(self.handle_command(self.control.recv_multipart(copy=False)))
             if self.data in events or self.pending:
                 batch, self.pending = self.pending, []
                 self.handle_data(*batch, *(self._drain() if self.data in events else ()))
+            if self.outbox:
+                self._flush_tokens()
             if self.loader is not None:
                 self._load_step()
             self._evict_idle()
@@ -198,7 +224,7 @@ class Worker:
         self._last_sweep = now
         for req, state in list(self.stage.requests.items()):
             if now - state.last_used > self.cfg.runtime.request_idle_timeout_s:
-                self.stage.release(req)
+                self._forget(req)
                 log.bind_request(req)
                 logger.warning("request_evicted", idle_s=round(now - state.last_used, 1))
                 log.bind_request(None)
@@ -340,6 +366,8 @@ class Worker:
         self.stage = None
         self.spec = None
         self.pending = []
+        self.outbox.clear()
+        self.sent_at.clear()
         self.state = "idle"
         self.progress = {"done_bytes": 0, "total_bytes": 0, "rate_bytes_s": 0.0}
         mx.clear_cache()
@@ -491,6 +519,8 @@ class Worker:
         """Free a request's cache; remember the id so its steps still on the
         ring are dropped quietly. True if this stage held it."""
         self.released[req] = None
+        self.outbox.pop(req, None)
+        self.sent_at.pop(req, None)
         while len(self.released) > RELEASED_MEMORY:
             self.released.popitem(last=False)
         return bool(self.stage and self.stage.release(req))
@@ -557,18 +587,49 @@ class Worker:
             log.bind_request(None)
             self._forget(h["req"])
             return
-        self._continue(h, length, result.token)
-        out = {"req": h["req"], "seq": h["seq"], "token": result.token, "logprob": result.logprob}
+        last = not self._continue(h, length, result.token)
+        run = self.outbox.get(h["req"])
+        if run is None:
+            run = self.outbox[h["req"]] = TokenRun(h["seq"])
+        run.tokens.append(result.token)
+        run.logprobs.append(result.logprob)
         if result.top_logprobs is not None:
-            out["top_logprobs"] = result.top_logprobs
-        self._send(self.next, wire.encode("token", out), "coordinator")
+            run.top_logprobs = [*(run.top_logprobs or ()), result.top_logprobs]
+        if last or len(run.tokens) >= wire.MAX_ID_LIST:
+            self._send_tokens(h["req"], last=last)
+        else:
+            self._flush_tokens(h["req"])
 
-    def _continue(self, h: dict, length: int, token: int) -> None:
+    def _send_tokens(self, req: str, *, last: bool = False) -> None:
+        run = self.outbox.pop(req)
+        self.counters["token_messages"] += 1
+        self._send(self.next, run.message(req), "coordinator")
+        if last:
+            self.sent_at.pop(req, None)
+        else:
+            self.sent_at[req] = time.monotonic()
+
+    def _flush_tokens(self, only: str | None = None) -> None:
+        """Send the runs whose request last sent `stream_interval` ago or more
+        (a request's first token goes at once)."""
+        now = time.monotonic()
+        for req in [only] if only is not None else list(self.outbox):
+            if now - self.sent_at.get(req, -math.inf) >= self.stream_interval:
+                self._send_tokens(req)
+
+    def _poll_ms(self) -> int:
+        """Wait for messages until the earliest run of tokens is due, at most POLL_MS."""
+        if not self.outbox:
+            return POLL_MS
+        due = min(self.sent_at.get(req, -math.inf) for req in self.outbox) + self.stream_interval
+        return max(0, min(POLL_MS, math.ceil(1e3 * (due - time.monotonic()))))
+
+    def _continue(self, h: dict, length: int, token: int) -> bool:
         """Last stage: feed the sampled token to the first stage as the next
-        decode step, unless the sequence is complete."""
+        decode step, unless the sequence is complete (False)."""
         position = h["offset"] + length  # where the sampled token sits
         if "stop_at" not in h or position + 1 >= h["stop_at"] or token in h.get("eos", ()):
-            return
+            return False
         header = {**h, "seq": h["seq"] + 1, "offset": position, "sample": True}
         ids = mx.array([[token]], dtype=mx.int32)
         if self.stage is not None and self.stage.shard.first:
@@ -577,6 +638,8 @@ class Worker:
             self._send(self.loop, wire.encode("forward", header, [ids]), "first stage")
         else:
             self._report_error(h["req"], "cannot continue: the load named no first stage (load argument 'first')")
+            return False
+        return True
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

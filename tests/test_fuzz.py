@@ -10,6 +10,7 @@ daemon stays up, and every completion equals the undisturbed one.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import uuid
 
@@ -36,6 +37,11 @@ def head(**fields) -> bytes:
 def forward_head(req: str, offset: int, dtype: str, shape: list[int], **extra) -> bytes:
     fields = {"kind": "forward", "req": req, "seq": 0, "offset": offset, "sample": True, "params": {}, **extra}
     return msgpack.packb({"v": wire.PROTOCOL_VERSION, **fields, "tensors": [{"dtype": dtype, "shape": shape}]})
+
+
+def tokens_head(req: str, **fields) -> bytes:
+    """A run of sampled tokens for the coordinator; `fields` override a valid one."""
+    return head(kind="tokens", req=req, **{"seq": 0, "tokens": [3], "logprobs": [-1.0], **fields})
 
 
 def stranger() -> str:
@@ -65,13 +71,19 @@ def malformed_anywhere() -> dict[str, list[bytes]]:
         "field of wrong type": [head(kind="release", req=12345)],
         "unknown field": [head(kind="release", req="x", extra="field")],
         "id too long": [head(kind="release", req="r" * 10_000)],
-        "int map keys": [msgpack.packb({"v": 1, "kind": "release", 5: "x", "tensors": []})],
-        "ext type": [msgpack.packb({"v": 1, "kind": "release", "req": msgpack.ExtType(1, b"x"), "tensors": []})],
+        "int map keys": [msgpack.packb({"v": wire.PROTOCOL_VERSION, "kind": "release", 5: "x", "tensors": []})],
+        "ext type": [
+            msgpack.packb(
+                {"v": wire.PROTOCOL_VERSION, "kind": "release", "req": msgpack.ExtType(1, b"x"), "tensors": []}
+            )
+        ],
         "deep nesting": [nested_header(5000)],
         "header over 64 KiB": [head(kind="error", req="x", message="m" * (wire.MAX_HEADER_BYTES + 1))],
         "negative seq": [forward_head(stranger(), 0, "int32", [1, 3], seq=-1), ids],
         "non-str param keys": [forward_head(stranger(), 0, "int32", [1, 3], params={1: 2}), ids],
-        "tensors not a list": [msgpack.packb({"v": 1, "kind": "release", "req": "x", "tensors": "no"})],
+        "tensors not a list": [
+            msgpack.packb({"v": wire.PROTOCOL_VERSION, "kind": "release", "req": "x", "tensors": "no"})
+        ],
         "unknown dtype": [forward_head(stranger(), 0, "float64", [1, 3]), bytes(24)],
         "bool tensor desc": [forward_head(stranger(), 0, "bool", [1, 3]), bytes(3)],
         "5-d shape": [forward_head(stranger(), 0, "float32", [1, 1, 1, 1, 1]), bytes(4)],
@@ -89,7 +101,7 @@ def malformed_anywhere() -> dict[str, list[bytes]]:
 def malformed_on_data(first: bool, hidden: int) -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]]:
     """(refused as messages, refused by the stage) for a worker's data socket."""
     wrong_kinds = {
-        "token on data": [head(kind="token", req=stranger(), seq=0, token=1, logprob=-0.5)],
+        "tokens on data": [head(kind="tokens", req=stranger(), seq=0, tokens=[1], logprobs=[-0.5])],
         "command on data": [head(kind="command", cmd="shutdown", id="1")],
         "reply on data": [head(kind="reply", id="1", ok=True)],
         "error on data": [head(kind="error", req=stranger(), message="boom")],
@@ -298,17 +310,26 @@ def test_every_socket_refuses_malformed_frames_while_a_request_runs(cluster, tin
             "command to the coordinator": [head(kind="command", cmd="shutdown", id="1")],
             "reply to the coordinator": [head(kind="reply", id="1", ok=True)],
             "release to the coordinator": [head(kind="release", req=stranger())],
-            "token id above vocab": [head(kind="token", req=stranger(), seq=0, token=10**9, logprob=-1.0)],
-            "NaN logprob": [head(kind="token", req=stranger(), seq=0, token=3, logprob=float("nan"))],
-            "bad top_logprobs": [head(kind="token", req=stranger(), seq=0, token=3, logprob=-1.0, top_logprobs=[[1]])],
+            "token id above vocab": [tokens_head(stranger(), tokens=[3, 10**9], logprobs=[-1.0, -1.0])],
+            "NaN logprob": [tokens_head(stranger(), logprobs=[float("nan")])],
+            "+inf logprob": [tokens_head(stranger(), logprobs=[math.inf])],
+            "logprob not a number": [tokens_head(stranger(), logprobs=["-1"])],
+            "bad top_logprobs": [tokens_head(stranger(), top_logprobs=[[[1]]])],
+            "top_logprobs not lists": [tokens_head(stranger(), top_logprobs=[5])],
+            "no tokens": [tokens_head(stranger(), tokens=[], logprobs=[])],
+            "fewer logprobs than tokens": [tokens_head(stranger(), tokens=[3, 4])],
+            "fewer top_logprobs than tokens": [
+                tokens_head(stranger(), tokens=[3, 4], logprobs=[-1.0, -1.0], top_logprobs=[[]])
+            ],
+            "negative token id": [tokens_head(stranger(), tokens=[-3])],
+            "more tokens than a run carries": [
+                tokens_head(stranger(), tokens=[3] * (wire.MAX_ID_LIST + 1), logprobs=[-1.0] * (wire.MAX_ID_LIST + 1))
+            ],
         }
         result_ignored = {
-            "token for an unknown request": [head(kind="token", req=stranger(), seq=0, token=3, logprob=-1.0)],
+            "tokens for an unknown request": [tokens_head(stranger())],
             "error for an unknown request": [head(kind="error", req=stranger(), message="boom")],
-            **{
-                f"stale token for {req}": [head(kind="token", req=req, seq=10**9, token=3, logprob=-1.0)]
-                for req in live
-            },
+            **{f"stale tokens for {req}": [tokens_head(req, seq=10**9)] for req in live},
         }
         for frames in [*result_bad.values(), *result_ignored.values()]:
             pushes["result"].send_multipart(tensor_frames(frames))

@@ -3,10 +3,12 @@ mlx-lm gives on the same model and dtype, over real processes and sockets."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import threading
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -43,28 +45,58 @@ def reference(tiny_model):
 
 
 @pytest.mark.parametrize(
-    "n_workers,layers,decode",
+    "n_workers,layers,runtime",
     [
-        (1, None, "compiled"),
-        (2, None, "compiled"),
-        (3, [(0, 1), (1, 5), (5, 7)], "compiled"),
-        (2, None, "eager"),
+        (1, None, {}),
+        (2, None, {}),
+        (3, [(0, 1), (1, 5), (5, 7)], {}),
+        (2, None, {"decode": "eager", "stream_interval_ms": 0}),
     ],
-    ids=["1-stage", "2-stages", "3-stages-uneven", "2-stages-eager"],
+    ids=["1-stage", "2-stages", "3-stages-uneven", "2-stages-eager-every-token-alone"],
 )
-def test_distributed_greedy_equals_mlx_lm(tiny_model, reference, tmp_path, n_workers, layers, decode):
+def test_distributed_greedy_equals_mlx_lm(tiny_model, reference, tmp_path, n_workers, layers, runtime):
     ref_tokens, ref_logprobs = reference
     assert len(set(ref_tokens)) >= 10, "the test model must give varied tokens for this oracle to bite"
-    cfg = write_config(tmp_path / "kimi.toml", tiny_model, n_workers, layers=layers, runtime={"decode": decode})
+    cfg = write_config(tmp_path / "kimi.toml", tiny_model, n_workers, layers=layers, runtime=runtime)
     with LocalCluster(cfg) as cluster:
         health = cluster.health()[1]
         assert len(health["stages"]) == n_workers
         if layers:
             assert [(s["start"], s["end"]) for s in health["stages"]] == layers
         choice = complete_ids(cluster.api, PROMPT, N_TOKENS)
+        last = worker_stats(cluster.cfg)[cluster.cfg.workers[-1].name]
     lp = choice["logprobs"]
     assert lp["token_ids"] == ref_tokens
     np.testing.assert_allclose(lp["token_logprobs"], ref_logprobs, rtol=1e-4, atol=1e-6)
+    if runtime.get("stream_interval_ms") == 0:
+        assert last["token_messages"] == last["tokens_sampled"] == N_TOKENS
+
+
+def test_tokens_gathered_into_runs_stream_exactly_mlx_lm(tiny_model, reference, tmp_path):
+    """With stream_interval_ms the last stage sends a request's tokens as runs:
+    the first at once, the rest a run per interval, the last at once. The
+    stream still carries every token, mlx-lm's, and its logprobs, in order."""
+    ref_tokens, ref_logprobs = reference
+    cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2, runtime={"stream_interval_ms": 1000})
+    with LocalCluster(cfg) as cluster:
+        before = worker_stats(cluster.cfg)[cluster.cfg.workers[-1].name]
+        t0 = time.monotonic()
+        with open_stream(cluster.api, greedy_body(PROMPT, N_TOKENS)) as resp:
+            chunks = [json.loads(line[6:]) for line in resp if line.startswith(b"data: {")]
+        seconds = time.monotonic() - t0
+        after = worker_stats(cluster.cfg)[cluster.cfg.workers[-1].name]
+    runs = [c["choices"][0]["logprobs"]["token_ids"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert [t for run in runs for t in run] == ref_tokens
+    streamed_lps = [
+        lp for c in chunks if c["choices"][0]["logprobs"] for lp in c["choices"][0]["logprobs"]["token_logprobs"]
+    ]
+    np.testing.assert_allclose(streamed_lps, ref_logprobs, rtol=1e-4, atol=1e-6)
+    assert len(runs[0]) == 1, "a request's first token goes out alone, at once"
+    messages = after["token_messages"] - before["token_messages"]
+    assert after["tokens_sampled"] - before["tokens_sampled"] == N_TOKENS
+    # the first token, then one run per second of decoding, the last token's run
+    assert 2 <= messages <= 2 + int(seconds), (messages, seconds)
+    assert len(runs) == messages
 
 
 def test_compiled_decode_over_two_stages_equals_mlx_lm_past_the_cache_growth(tiny_model, tmp_path):

@@ -343,7 +343,9 @@ def test_no_pickle_eval_or_exec_in_the_package():
 def test_msgpack_extension_types_are_refused():
     import msgpack
 
-    header = msgpack.packb({"v": 1, "kind": "release", "req": msgpack.ExtType(42, b"payload"), "tensors": []})
+    header = msgpack.packb(
+        {"v": wire.PROTOCOL_VERSION, "kind": "release", "req": msgpack.ExtType(42, b"payload"), "tensors": []}
+    )
     with pytest.raises(wire.WireError, match="max_ext_len"):
         wire.decode([header])
 

@@ -70,6 +70,11 @@ def forward_head(**changes) -> dict:
 TOKENS = np.arange(4, dtype=np.int32).tobytes()
 
 
+def tokens_head(**changes) -> dict:
+    head = {"v": wire.PROTOCOL_VERSION, "kind": "tokens", "req": "r", "seq": 0, "tokens": [1], "logprobs": [-0.5]}
+    return {**head, "tensors": [], **changes}
+
+
 # ---- round trips -----------------------------------------------------------
 
 
@@ -151,15 +156,15 @@ def test_strided_and_lazy_tensors_are_sent_in_c_order():
     ("kind", "header"),
     [
         ("release", {"req": "r-1"}),
-        ("token", {"req": "r-1", "seq": 9, "token": 42, "logprob": -0.25}),
+        ("tokens", {"req": "r-1", "seq": 9, "tokens": [42], "logprobs": [-0.25]}),
         (
-            "token",
+            "tokens",
             {
                 "req": "r",
                 "seq": 0,
-                "token": 0,
-                "logprob": float("-inf"),
-                "top_logprobs": [[1, -0.5]],
+                "tokens": [0, 7],
+                "logprobs": [float("-inf"), -0.5],
+                "top_logprobs": [[[1, -0.5]], [[7, -0.5], [2, -1.5]]],
             },
         ),
         ("error", {"req": "r-1", "message": "stage 2 ran out of memory"}),
@@ -226,11 +231,12 @@ MALFORMED = {
     "int map keys": [msgpack.packb({1: 2})],
     "bin map keys": [msgpack.packb({b"v": 1})],
     "invalid utf-8 string": [b"\x81\xa1v\xa2\xff\xfe"],
-    "ext type": [msgpack.packb({"v": 1, "kind": msgpack.ExtType(5, b"x")})],
+    "ext type": [msgpack.packb({"v": wire.PROTOCOL_VERSION, "kind": msgpack.ExtType(5, b"x")})],
     "deep nesting": [b"\x81\xa1v" + b"\x91" * 5000 + b"\xc0"],
     "oversized header": raw({**forward_head(), "params": {"x": "a" * wire.MAX_HEADER_BYTES}}, TOKENS),
     "missing v": raw({k: v for k, v in forward_head().items() if k != "v"}, TOKENS),
-    "wrong version": raw(forward_head(v=2), TOKENS),
+    "older version": raw(forward_head(v=wire.PROTOCOL_VERSION - 1), TOKENS),
+    "newer version": raw(forward_head(v=wire.PROTOCOL_VERSION + 1), TOKENS),
     "version as bool": raw(forward_head(v=True), TOKENS),
     "version as string": raw(forward_head(v="1"), TOKENS),
     "missing kind": raw({k: v for k, v in forward_head().items() if k != "kind"}, TOKENS),
@@ -250,36 +256,26 @@ MALFORMED = {
     "sample as int": raw(forward_head(sample=1), TOKENS),
     "params a list": raw(forward_head(params=[]), TOKENS),
     "params with int keys": raw(forward_head(params={1: 2}), TOKENS),
-    "token as bool": raw(
-        {
-            "v": 1,
-            "kind": "token",
-            "req": "r",
-            "seq": 0,
-            "token": False,
-            "logprob": 0.0,
-            "tensors": [],
-        }
+    "token as bool": raw(tokens_head(tokens=[False])),
+    "tokens not a list": raw(tokens_head(tokens=1)),
+    "negative token": raw(tokens_head(tokens=[-1])),
+    "too many tokens": raw(tokens_head(tokens=[1] * (wire.MAX_ID_LIST + 1))),
+    "logprobs not a list": raw(tokens_head(logprobs=-0.5)),
+    "old single token": raw(tokens_head(token=1)),
+    "optional field wrong type": raw(
+        {"v": wire.PROTOCOL_VERSION, "kind": "reply", "id": "c", "ok": True, "error": None, "tensors": []}
     ),
-    "logprob as int": raw(
-        {
-            "v": 1,
-            "kind": "token",
-            "req": "r",
-            "seq": 0,
-            "token": 1,
-            "logprob": 0,
-            "tensors": [],
-        }
+    "command id too long": raw(
+        {"v": wire.PROTOCOL_VERSION, "kind": "command", "cmd": "load", "id": "i" * 1000, "tensors": []}
     ),
-    "optional field wrong type": raw({"v": 1, "kind": "reply", "id": "c", "ok": True, "error": None, "tensors": []}),
-    "command id too long": raw({"v": 1, "kind": "command", "cmd": "load", "id": "i" * 1000, "tensors": []}),
     "missing tensors list": raw({k: v for k, v in forward_head().items() if k != "tensors"}, TOKENS),
     "tensors not a list": raw(forward_head(tensors={"dtype": "int32", "shape": [1, 4]}), TOKENS),
     "too few frames": raw(forward_head()),
     "too many frames": raw(forward_head(), TOKENS, TOKENS),
     "too many descriptors": raw(forward_head(tensors=[{"dtype": "int32", "shape": [1, 4]}] * 2), TOKENS, TOKENS),
-    "tensor on a tensorless kind": raw({"v": 1, "kind": "release", "req": "r", "tensors": []}, TOKENS),
+    "tensor on a tensorless kind": raw(
+        {"v": wire.PROTOCOL_VERSION, "kind": "release", "req": "r", "tensors": []}, TOKENS
+    ),
     "descriptor not a map": raw(forward_head(tensors=["int32"]), TOKENS),
     "descriptor extra key": raw(forward_head(tensors=[{"dtype": "int32", "shape": [1, 4], "x": 0}]), TOKENS),
     "unknown dtype": raw(forward_head(tensors=[{"dtype": "float64", "shape": [1, 2]}]), TOKENS),
@@ -305,7 +301,7 @@ def test_malformed_message_is_refused_with_wire_error(frames):
 
 
 def test_wrong_version_names_both_versions():
-    with pytest.raises(WireError, match=r"version 7 .*speaks 1"):
+    with pytest.raises(WireError, match=rf"version 7 .*speaks {wire.PROTOCOL_VERSION}"):
         decode(raw(forward_head(v=7), TOKENS))
 
 
@@ -426,7 +422,7 @@ def test_random_descriptors_raise_nothing_but_wire_error(dtype, shape, tensor):
     with blob_kind():
         decodes_or_refuses(
             raw(
-                {"v": 1, "kind": "blob", "tensors": [{"dtype": dtype, "shape": shape}]},
+                {"v": wire.PROTOCOL_VERSION, "kind": "blob", "tensors": [{"dtype": dtype, "shape": shape}]},
                 tensor,
             )
         )
@@ -452,3 +448,35 @@ def test_corrupted_header_bytes_raise_nothing_but_wire_error(data):
         head[data.draw(st.integers(0, len(head) - 1))] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(head)))
     decodes_or_refuses([bytes(head[:cut]), TOKENS])
+
+
+GOOD_RUN = {"req": "r", "seq": 4, "tokens": [3, 9], "logprobs": [-0.5, float("-inf")]}
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"tokens": [], "logprobs": []}, "no token"),
+        ({"logprobs": [-0.5]}, "one entry per token"),
+        ({"top_logprobs": [[[3, -0.5]]]}, "one entry per token"),
+        ({"top_logprobs": [[[3, -0.5]], [[1]]]}, "pairs"),
+        ({"top_logprobs": [[[3, -0.5]], 7]}, "pairs"),
+        ({"top_logprobs": [[[3, -0.5]], [[True, -1.0]]]}, "pairs"),
+        ({"tokens": [3, 100]}, "outside the vocabulary"),
+        ({"top_logprobs": [[[3, -0.5]], [[100, -1.0]]]}, "outside the vocabulary"),
+        ({"logprobs": [-0.5, float("nan")]}, "NaN"),
+        ({"logprobs": [-0.5, float("inf")]}, r"\+inf"),
+        ({"logprobs": [-0.5, "x"]}, "not a number"),
+        ({"logprobs": [-0.5, 0]}, "not a number"),
+        ({"top_logprobs": [[[3, -0.5]], [[4, float("nan")]]]}, "NaN"),
+    ],
+)
+def test_check_tokens_refuses_bad_values(changes, says):
+    """What the coordinator checks in a run of tokens beyond the types (vocabulary of 100)."""
+    with pytest.raises(wire.WireError, match=says):
+        wire.check_tokens({**GOOD_RUN, **changes}, 100)
+
+
+def test_check_tokens_accepts_a_run_with_top_logprobs():
+    wire.check_tokens({**GOOD_RUN, "top_logprobs": [[[3, -0.5], [1, -2.0]], []]}, 100)
+    wire.check_tokens(GOOD_RUN, 100)
