@@ -140,7 +140,11 @@ def render(engine: Engine, state: str, workers: dict[str, dict]) -> str:
     out.histogram(
         "time_to_first_token_seconds", "From admission to the first generated token", engine.latency["ttft_s"]
     )
-    out.histogram("inter_token_latency_seconds", "Between two generated tokens of one request", engine.latency["itl_s"])
+    out.histogram(
+        "inter_token_latency_seconds",
+        "Between two generated tokens of one request (a run of tokens shares its gap)",
+        engine.latency["itl_s"],
+    )
 
     layers = {s.worker: f"{s.start}-{s.end}" for s in engine.plan.stages}
 
