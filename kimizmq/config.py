@@ -7,6 +7,7 @@ every Mac unchanged.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,46 @@ class Config:
 
 
 MAX_STREAM_INTERVAL_MS = 1000
+
+# Numbers a setting may take: (lowest, highest); a lowest in a tuple of its own
+# is excluded ("more than"). None: no bound. Every float must be finite.
+RUNTIME_RANGES: dict[str, tuple] = {
+    "prefill_chunk": (1, None),
+    "max_context": (1, None),
+    "max_concurrent": (1, None),
+    "max_queue": (0, None),
+    "load_timeout_s": ((0,), None),
+    "heartbeat_interval_s": ((0,), None),
+    "liveness_timeout_s": ((0,), None),
+    "recovery_timeout_s": (0, None),
+    "request_idle_timeout_s": ((0,), None),
+    "cache_limit_gb": (None, None),  # < 0: MLX's default
+    "stream_interval_ms": (0, MAX_STREAM_INTERVAL_MS),
+}
+PLAN_RANGES: dict[str, tuple] = {"memory_fraction": ((0,), 1), "runtime_margin_gb": (0, None)}
+WORKER_RANGES: dict[str, tuple] = {
+    "memory_gb": ((0,), None),
+    "max_memory_gb": ((0,), None),
+    "bandwidth_gbs": ((0,), None),
+}
+
+
+def _check_range(where: str, key: str, value: float | None, bounds: tuple) -> None:
+    """A ConfigError naming `key` unless `value` (None: not set) is inside `bounds`."""
+    if value is None:
+        return
+    low, high = bounds
+    above = low[0] if isinstance(low, tuple) else low
+    ok = math.isfinite(value) and (high is None or value <= high)
+    if low is not None:
+        ok = ok and (value > above if isinstance(low, tuple) else value >= above)
+    if not ok:
+        parts = [] if low is None else [f"{'>' if isinstance(low, tuple) else '>='} {above}"]
+        parts += [] if high is None else [f"<= {high}"]
+        rule = " and ".join(["a finite number", *parts])
+        raise ConfigError(f"{where}: {key} must be {rule}, got {value!r}")
+
+
 COORDINATOR_DEFAULT_PORTS = {"api_port": 52415, "result_port": 52400}
 WORKER_REQUIRED_PORTS = ("control_port", "data_port")
 
@@ -212,8 +253,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         if not whost:
             raise ConfigError(f"{where}: needs a host")
         memory_gb = _typed(w, "memory_gb", float, where)
-        if memory_gb is None or memory_gb <= 0:
-            raise ConfigError(f"{where}: needs memory_gb > 0 (the Mac's unified memory in GB)")
+        if memory_gb is None:
+            raise ConfigError(f"{where}: needs memory_gb (the Mac's unified memory in GB)")
         wports = _ports(w, where)
         for req in WORKER_REQUIRED_PORTS:
             if req not in wports:
@@ -229,6 +270,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
             layers = (layers[0], layers[1])
         max_mem = _typed(w, "max_memory_gb", float, where)
         bw = _typed(w, "bandwidth_gbs", float, where)
+        for key, value in (("memory_gb", memory_gb), ("max_memory_gb", max_mem), ("bandwidth_gbs", bw)):
+            _check_range(where, key, value, WORKER_RANGES[key])
         known = {"name", "host", "memory_gb", "layers", "max_memory_gb", "bandwidth_gbs"}
         unknown = {k for k in w if k not in known and not k.endswith("_port")}
         if unknown:
@@ -247,13 +290,13 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     runtime = _dataclass_section(RuntimeConfig, data.get("runtime", {}), f"{src} [runtime]")
     if runtime.decode not in DECODE_MODES:
         raise ConfigError(f'{src} [runtime]: decode must be "compiled" or "eager", got {runtime.decode!r}')
-    if not 0 <= runtime.stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
-        raise ConfigError(f"{src} [runtime]: stream_interval_ms must be in 0..{MAX_STREAM_INTERVAL_MS}")
+    for key, bounds in RUNTIME_RANGES.items():
+        _check_range(f"{src} [runtime]", key, getattr(runtime, key), bounds)
     plan = _dataclass_section(PlanConfig, data.get("plan", {}), f"{src} [plan]")
     if plan.balance not in ("memory", "bandwidth"):
         raise ConfigError(f'{src} [plan]: balance must be "memory" or "bandwidth"')
-    if not 0 < plan.memory_fraction <= 1:
-        raise ConfigError(f"{src} [plan]: memory_fraction must be in (0, 1]")
+    for key, bounds in PLAN_RANGES.items():
+        _check_range(f"{src} [plan]", key, getattr(plan, key), bounds)
 
     sec = data.get("security", {})
     curve_dir = sec.get("curve_dir")

@@ -622,7 +622,7 @@ class Worker:
         if not self.outbox:
             return POLL_MS
         due = min(self.sent_at.get(req, -math.inf) for req in self.outbox) + self.stream_interval
-        return max(0, min(POLL_MS, math.ceil(1e3 * (due - time.monotonic()))))
+        return min(POLL_MS, math.ceil(1e3 * max(0.0, due - time.monotonic())))
 
     def _continue(self, h: dict, length: int, token: int) -> bool:
         """Last stage: feed the sampled token to the first stage as the next

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
 
-from kimizmq.config import ConfigError, load_config, parse_config
+from kimizmq.config import (
+    PLAN_RANGES,
+    RUNTIME_RANGES,
+    ConfigError,
+    PlanConfig,
+    RuntimeConfig,
+    load_config,
+    parse_config,
+)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "etc" / "kimi.toml"
 WORKER = {"name": "a", "host": "127.0.0.1", "memory_gb": 16, "control_port": 6001, "data_port": 6002}
@@ -49,6 +59,10 @@ def test_decode_mode_is_compiled_or_eager(tmp_path):
     "change,message",
     [
         ({"memory_gb": 0}, "memory_gb"),
+        ({"memory_gb": math.nan}, "memory_gb"),
+        ({"memory_gb": math.inf}, "memory_gb"),
+        ({"max_memory_gb": -1}, "max_memory_gb"),
+        ({"bandwidth_gbs": 0}, "bandwidth_gbs"),
         ({"control_port": 70000}, "control_port"),
         ({"layers": [3]}, "layers"),
         ({"colour": "red"}, "unknown keys"),
@@ -58,3 +72,51 @@ def test_bad_worker_entries_are_named(tmp_path, change, message):
     data = {"model": {"path": "m"}, "workers": [{**WORKER, **change}]}
     with pytest.raises(ConfigError, match=message):
         parse_config(data, tmp_path / "k.toml")
+
+
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("runtime", "prefill_chunk", 0),
+        ("runtime", "max_context", -5),
+        ("runtime", "max_concurrent", 0),
+        ("runtime", "max_queue", -1),
+        ("runtime", "load_timeout_s", 0),
+        ("runtime", "heartbeat_interval_s", 0.0),
+        ("runtime", "liveness_timeout_s", -1.0),
+        ("runtime", "recovery_timeout_s", -0.5),
+        ("runtime", "request_idle_timeout_s", math.inf),
+        ("runtime", "cache_limit_gb", math.nan),
+        ("runtime", "stream_interval_ms", -1),
+        ("runtime", "stream_interval_ms", 1001),
+        ("runtime", "stream_interval_ms", math.nan),
+        ("plan", "memory_fraction", 0),
+        ("plan", "memory_fraction", 1.5),
+        ("plan", "runtime_margin_gb", -1),
+    ],
+)
+def test_numbers_outside_their_range_are_named(tmp_path, section, key, value):
+    """A setting no daemon could run with (a zero chunk, a negative context, NaN)
+    is refused when the file is read, naming the key and the rule."""
+    data = {"model": {"path": "m"}, "workers": [WORKER], section: {key: value}}
+    with pytest.raises(ConfigError, match=rf"\[{section}\]: {key} must be a finite number"):
+        parse_config(data, tmp_path / "k.toml")
+
+
+def test_every_numeric_setting_has_a_range(tmp_path):
+    """A new number in [runtime] or [plan] needs its bounds in the table; the
+    defaults are inside them, and so are the edges."""
+    for cls, ranges in ((RuntimeConfig, RUNTIME_RANGES), (PlanConfig, PLAN_RANGES)):
+        numeric = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, (int, float))}
+        assert numeric == set(ranges), cls.__name__
+    cfg = parse_config({"model": {"path": "m"}, "workers": [WORKER]}, tmp_path / "k.toml")
+    assert cfg.runtime == RuntimeConfig() and cfg.plan == PlanConfig()
+    edges = {"stream_interval_ms": 0, "max_queue": 0, "recovery_timeout_s": 0, "prefill_chunk": 1}
+    assert parse_config({"model": {"path": "m"}, "workers": [WORKER], "runtime": edges}, tmp_path / "k.toml")
+    top = {
+        "model": {"path": "m"},
+        "workers": [WORKER],
+        "runtime": {"stream_interval_ms": 1000},
+        "plan": {"memory_fraction": 1},
+    }
+    assert parse_config(top, tmp_path / "k.toml").plan.memory_fraction == 1.0
