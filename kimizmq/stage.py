@@ -60,7 +60,7 @@ class SamplingParams:
 
 @dataclass
 class RequestState:
-    cache: list
+    cache: list | None  # None while the request's cache is in a kept batch
     params: SamplingParams
     offset: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -128,6 +128,18 @@ class Step:
     params: dict
 
 
+@dataclass
+class KeptBatch:
+    """The batched KV caches of requests whose decode steps ran together,
+    kept for their next step together (mlx-lm's BatchGenerator keeps its
+    batch the same way): merging each request's cache into a batch and
+    extracting it again copied every cache twice per step, and the merged
+    buffer, exactly full, grew (a third copy) at the next step."""
+
+    reqs: tuple[str, ...]  # row b of every cache is reqs[b]
+    caches: list  # a BatchKVCache per layer
+
+
 class Stage:
     """A shard plus the per-request KV caches it holds."""
 
@@ -138,12 +150,14 @@ class Stage:
         self.max_requests = max_requests
         self.max_context = max_context
         self.requests: dict[str, RequestState] = {}
+        self.kept: dict[frozenset[str], KeptBatch] = {}  # by the set of requests
         self.compute_s = 0.0
         self.decode_s = 0.0  # of compute_s, in passes of one token per request
         self.forwards = 0  # forward passes, a batched one counting once
         self.batched_forwards = 0
         self.batched_steps = 0  # requests served by batched passes
         self.batched_prompt_steps = 0  # of those, prompt chunks (more than one token each)
+        self.kept_batch_steps = 0  # batched decode passes that found their batch kept
         self.tokens_in = 0
 
     def check_input(self, x: mx.array) -> None:
@@ -189,8 +203,20 @@ class Stage:
         state.offset += length
         state.last_used = time.monotonic()
 
+    def _check_in(self, reqs: set[str] | frozenset[str]) -> None:
+        """Every kept batch holding one of `reqs` gives its requests their own
+        caches back (those still open) and is dropped."""
+        for key in [k for k in self.kept if not k.isdisjoint(reqs)]:
+            kept = self.kept.pop(key)
+            states = [(b, self.requests.get(req)) for b, req in enumerate(kept.reqs)]
+            for b, state in states:
+                if state is not None:
+                    state.cache = [c.extract(b) for c in kept.caches]
+            mx.eval([[c.keys, c.values] for _, state in states if state is not None for c in state.cache])
+
     def _run(self, step: Step, state: RequestState) -> ForwardResult:
         """One admitted step on its own."""
+        self._check_in({step.req})
         length = step.x.shape[1]
         t0 = time.perf_counter()
         if length == 1 and state.offset > 0 and self.compiled_decode:
@@ -237,42 +263,64 @@ class Stage:
         return results
 
     def _forward_batch(self, steps: list[Step], states: list[RequestState]) -> list[ForwardResult]:
+        """One batched pass. Decode steps keep their batched caches for the
+        requests' next step together (`kept`); prompt chunks give each request
+        its own cache back."""
         t0 = time.perf_counter()
         length = steps[0].x.shape[1]
-        n_layers = len(states[0].cache)
-        caches = [BatchKVCache.merge([s.cache[j] for s in states]) for j in range(n_layers)]
-        x = mx.concatenate([s.x for s in steps], axis=0)
-        if length == 1 and self.compiled_decode and all(st.offset > 0 for st in states):
+        key = frozenset(s.req for s in steps)
+        kept = self.kept.pop(key, None) if length == 1 else None
+        if kept is None:
+            self._check_in(key)
+            order = list(range(len(steps)))  # row b of the batch is steps[order[b]]
+            caches = [BatchKVCache.merge([s.cache[j] for s in states]) for j in range(len(states[0].cache))]
+        else:
+            self.kept_batch_steps += 1
+            index = {s.req: k for k, s in enumerate(steps)}
+            order = [index[req] for req in kept.reqs]
+            caches = kept.caches
+        rows, row_states = [steps[k] for k in order], [states[k] for k in order]
+        x = mx.concatenate([s.x for s in rows], axis=0)
+        if length == 1 and self.compiled_decode and all(st.offset > 0 for st in row_states):
             out = self.shard.decode(x, caches, head=True)
         else:
             out = self.shard(x, caches, head=True)
         if self.shard.last:
             lazy = [
                 _sample_lazy(out[b : b + 1, -1, :], st.params, step.offset + length)
-                for b, (step, st) in enumerate(zip(steps, states))
+                for b, (step, st) in enumerate(zip(rows, row_states))
             ]
             mx.eval(lazy)
-            results = [_sampled(o) for o in lazy]
+            by_row = [_sampled(o) for o in lazy]
         else:
             mx.eval(out)
-            results = [ForwardResult(activations=out[b : b + 1]) for b in range(len(steps))]
-        for b, st in enumerate(states):
-            st.cache = [c.extract(b) for c in caches]
-        mx.eval([[c.keys, c.values] for st in states for c in st.cache])
+            by_row = [ForwardResult(activations=out[b : b + 1]) for b in range(len(rows))]
+        if length == 1:
+            self.kept[key] = KeptBatch(tuple(s.req for s in rows), caches)
+            for st in row_states:
+                st.cache = None
+        else:
+            for b, st in enumerate(row_states):
+                st.cache = [c.extract(b) for c in caches]
+            mx.eval([[c.keys, c.values] for st in row_states for c in st.cache])
+            self.batched_prompt_steps += len(steps)
         if length == 1:
             self.decode_s += time.perf_counter() - t0
         self.forwards += 1
         self.batched_forwards += 1
         self.batched_steps += len(steps)
-        if length > 1:
-            self.batched_prompt_steps += len(steps)
         for st in states:
             self._done(st, length, t0)
             t0 = time.perf_counter()  # count the pass's time once
+        results: list[ForwardResult] = [None] * len(steps)  # type: ignore[list-item]
+        for b, k in enumerate(order):
+            results[k] = by_row[b]
         return results
 
     def release(self, req: str) -> bool:
+        self._check_in({req})
         return self.requests.pop(req, None) is not None
 
     def cache_bytes(self) -> int:
-        return sum(c.nbytes for s in self.requests.values() for c in s.cache)
+        own = sum(c.nbytes for s in self.requests.values() if s.cache is not None for c in s.cache)
+        return own + sum(c.nbytes for kept in self.kept.values() for c in kept.caches)

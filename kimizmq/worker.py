@@ -291,6 +291,7 @@ class Worker:
             batched_forwards=stage.batched_forwards if stage else 0,
             batched_steps=stage.batched_steps if stage else 0,
             batched_prompt_steps=stage.batched_prompt_steps if stage else 0,
+            kept_batch_steps=stage.kept_batch_steps if stage else 0,
             compiled_decode=bool(stage and stage.compiled_decode),
             cache_bytes=stage.cache_bytes() if stage else 0,
             weight_bytes=stage.shard.nbytes if stage else 0,

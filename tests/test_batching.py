@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import threading
 
+import mlx.core as mx
 import numpy as np
 
 from kimizmq.local import LocalCluster, write_config
+from kimizmq.shard import load_shard
+from kimizmq.stage import Stage, Step
 from tests.support import complete_ids, worker_stats
 
 N_TOKENS = 40
@@ -42,6 +45,8 @@ def test_concurrent_requests_are_batched_and_token_identical(tiny_model, tmp_pat
     assert len({tuple(a) for a in ids}) == len(PROMPTS), "different prompts must give different outputs"
     batched = {n: s["batched_forwards"] - before[n]["batched_forwards"] for n, s in after.items()}
     assert any(b > 0 for b in batched.values()), f"no decode step was batched: {batched}"
+    kept = {n: s["kept_batch_steps"] - before[n]["kept_batch_steps"] for n, s in after.items()}
+    assert any(k > 0 for k in kept.values()), f"no batch of decode steps was kept for the next step: {kept}"
     assert all(s["active_requests"] == [] for s in after.values())
     # the first stage sent waves on in one batch per stage, so both stages computed at once
     assert after["w0"]["split_waves"] > before["w0"]["split_waves"]
@@ -62,3 +67,57 @@ def test_prompts_that_arrive_together_are_prefilled_as_one_batch(tiny_model, tmp
         np.testing.assert_allclose(together[i]["token_logprobs"], ref["token_logprobs"], rtol=1e-4, atol=1e-5)
     batched = {n: s["batched_prompt_steps"] - before[n]["batched_prompt_steps"] for n, s in after.items()}
     assert all(b > 0 for b in batched.values()), f"no prompt chunk was batched: {batched}"
+
+
+def test_kept_batches_give_each_request_its_tokens_however_the_groups_change(tiny_model):
+    """In one process, through Stage: decode steps of three requests run
+    together (their batch kept from step to step), then one alone, two
+    together, one released mid-batch, the rest alone; every request samples
+    exactly what it samples on a stage of its own, and the stage ends holding
+    no cache."""
+    shard = load_shard(tiny_model, 0, 7)
+    prompts = {"a": [3, 14, 15, 92, 65], "b": [35, 89, 79, 32, 38, 46, 26], "c": [2, 7]}
+
+    def alone(req: str, n: int) -> list[tuple[int, float]]:
+        stage = Stage(shard, max_requests=4, max_context=256, compiled_decode=True)
+        r = stage.forward_many([Step(req, 0, mx.array([prompts[req]], dtype=mx.int32), True, {})])[0]
+        out, offset = [(r.token, r.logprob)], len(prompts[req])
+        for _ in range(n - 1):
+            r = stage.forward_many([Step(req, offset, mx.array([[r.token]], dtype=mx.int32), True, {})])[0]
+            out.append((r.token, r.logprob))
+            offset += 1
+        return out
+
+    stage = Stage(shard, max_requests=4, max_context=256, compiled_decode=True)
+    got: dict[str, list[tuple[int, float]]] = {req: [] for req in prompts}
+    offsets = {}
+    for req, p in prompts.items():
+        r = stage.forward_many([Step(req, 0, mx.array([p], dtype=mx.int32), True, {})])[0]
+        got[req].append((r.token, r.logprob))
+        offsets[req] = len(p)
+
+    def step(*reqs: str) -> None:
+        steps = [Step(q, offsets[q], mx.array([[got[q][-1][0]]], dtype=mx.int32), True, {}) for q in reqs]
+        for q, r in zip(reqs, stage.forward_many(steps)):
+            got[q].append((r.token, r.logprob))
+            offsets[q] += 1
+
+    for _ in range(4):
+        step("a", "b", "c")
+    step("c", "a", "b")  # the same batch, in another order
+    step("a")  # a alone: the batch gives every request its cache back
+    step("b", "c")
+    step("c", "b")
+    step("a", "b")
+    stage.release("a")  # released while its batch is kept
+    step("b")
+    step("c")
+    step("b", "c")
+    assert stage.kept_batch_steps >= 5
+    for req in prompts:
+        want = alone(req, len(got[req]))
+        assert [t for t, _ in got[req]] == [t for t, _ in want], req
+        np.testing.assert_allclose([lp for _, lp in got[req]], [lp for _, lp in want], rtol=1e-4, atol=1e-5)
+    for req in ("b", "c"):
+        stage.release(req)
+    assert stage.requests == {} and stage.kept == {} and stage.cache_bytes() == 0
