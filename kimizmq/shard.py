@@ -23,7 +23,7 @@ from mlx_lm.utils import _get_classes, infer_quant_config, load_config
 from .checkpoint import stage_tensor_names, tensor_index
 from .config import DECODE_MODES
 
-GPU_DECODE_EVAL_EVERY = 2  # layers per async_eval in Shard.decode on a GPU (see decode_eval_every)
+GPU_DECODE_EVAL_EVERY = 0  # layers per async_eval in Shard.decode on a GPU; 0: none (see decode_eval_every)
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -132,13 +132,13 @@ class Shard:
     def decode_eval_every(self) -> int:
         """Shard.decode starts (`mx.async_eval`) every this many layers as soon
         as they are built, so the device computes them while Python builds the
-        next. A compiled segment is cheap to start, unlike an eager layer
-        (`eval_per_layer`): on the H100 (Kimi-geometry model, 16 layers, in
-        process) a one-token step took 8.6-10.2 ms of device time after
-        1.9-2.0 ms of building; starting every 2 layers hid most of that build
-        (2 stages in one process: 10.4-10.8 ms a token against 12.5-13.6 with
-        one evaluation per stage; 2 stages over loopback: 89.7 vs 82.6 tok/s).
-        The CPU starts every layer."""
+        next; 0: the stage's caller evaluates the whole step at once. The CPU
+        starts every layer. On a GPU, starting every 2 layers hid most of the
+        build (H100, 2 stages over loopback: 89.7 vs 82.6 tok/s, in process
+        10.4-10.8 vs 12.5-13.6 ms a token) but MLX's CUDA backend then hit
+        "an illegal memory access" in batched decode in 3 of 4 runs on one
+        machine (0 of 2 without), so GPUs evaluate once per step, as mlx-lm
+        does."""
         return 1 if mx.default_device() == mx.cpu else GPU_DECODE_EVAL_EVERY
 
     @property
@@ -186,7 +186,7 @@ class Shard:
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             out = _attention_core(layer.self_attn, c, mask, *attn_in)
             h, *attn_in = self._segment(i, head)(h, out, position)
-            if (i + 1) % every == 0:
+            if every and (i + 1) % every == 0:
                 mx.async_eval(h, *attn_in)
         return h
 

@@ -100,12 +100,12 @@ def test_compiled_decode_equals_the_eager_pass_to_the_bit(tiny_model, split):
     assert [c.offset for c in compiled] == [c.offset for c in eager] == [24 + 300] * len(eager)
 
 
-@pytest.mark.parametrize("every", [1, 3], ids=["start-every-layer", "start-every-3-layers"])
+@pytest.mark.parametrize("every", [1, 3, 0], ids=["start-every-layer", "start-every-3-layers", "start-none"])
 def test_compiled_batched_decode_equals_the_eager_pass_to_the_bit(tiny_model, every, monkeypatch):
     """Decode steps of requests in flight together (a BatchKVCache, left-padded
     where their pasts differ) through Shard.decode give the eager batched pass's
     outputs, however often the layers are started (every layer on the CPU,
-    every GPU_DECODE_EVAL_EVERY on a GPU)."""
+    none before the end on a GPU)."""
     monkeypatch.setattr(Shard, "decode_eval_every", every)
     shard = load_shard(tiny_model, 0, 7)
     assert shard.decode_eval_every == every
