@@ -23,7 +23,6 @@ from mlx_lm.utils import _get_classes, infer_quant_config, load_config
 from .checkpoint import stage_tensor_names, tensor_index
 from .config import DECODE_MODES
 
-GPU_DECODE_EVAL_EVERY = 0  # layers per async_eval in Shard.decode on a GPU; 0: none (see decode_eval_every)
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -125,21 +124,12 @@ class Shard:
         a stage waits for its input instead). On the CPU a decode step of the
         test model gets 15 % faster; on CUDA each evaluation costs ~0.4 ms and
         the Kimi-geometry model got 35 % slower, so GPUs evaluate a stage's
-        layers at once."""
+        layers at once. Starting every second compiled segment on a GPU hid
+        most of the build (H100, 2 stages over loopback: 89.7 vs 82.6 tok/s)
+        but MLX's CUDA backend then hit "an illegal memory access" in batched
+        decode in 3 of 4 runs on one machine (0 of 2 without), so Shard.decode
+        too evaluates once per step there, as mlx-lm does."""
         return mx.default_device() == mx.cpu
-
-    @property
-    def decode_eval_every(self) -> int:
-        """Shard.decode starts (`mx.async_eval`) every this many layers as soon
-        as they are built, so the device computes them while Python builds the
-        next; 0: the stage's caller evaluates the whole step at once. The CPU
-        starts every layer. On a GPU, starting every 2 layers hid most of the
-        build (H100, 2 stages over loopback: 89.7 vs 82.6 tok/s, in process
-        10.4-10.8 vs 12.5-13.6 ms a token) but MLX's CUDA backend then hit
-        "an illegal memory access" in batched decode in 3 of 4 runs on one
-        machine (0 of 2 without), so GPUs evaluate once per step, as mlx-lm
-        does."""
-        return 1 if mx.default_device() == mx.cpu else GPU_DECODE_EVAL_EVERY
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -181,12 +171,12 @@ class Shard:
         first = cache[0]
         position = first.offset if isinstance(first.offset, mx.array) else mx.array(first.offset, dtype=mx.int32)
         mask = create_attention_mask(x, first, return_array=True)  # None for one request
-        every = self.decode_eval_every
+        overlap = self.eval_per_layer
         h, *attn_in = self._segment(-1, head)(x, position)
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             out = _attention_core(layer.self_attn, c, mask, *attn_in)
             h, *attn_in = self._segment(i, head)(h, out, position)
-            if every and (i + 1) % every == 0:
+            if overlap:
                 mx.async_eval(h, *attn_in)
         return h
 
