@@ -47,7 +47,7 @@ from pathlib import Path
 
 import click
 
-from .config import MAX_STREAM_INTERVAL_MS, RuntimeConfig, load_config
+from .config import DECODE_MODES, MAX_STREAM_INTERVAL_MS, RuntimeConfig, load_config
 from .local import LocalCluster, write_config
 
 DEFAULT_OUT = "bench-results"
@@ -134,7 +134,7 @@ class BenchConfig:
     system_timeout_s: float = SYSTEM_TIMEOUT_S
     device: str = ""
     dtype: str = ""
-    decode: str = "compiled"  # kimizmq's runtime.decode
+    decode: str = RuntimeConfig.decode  # kimizmq's runtime.decode
     stream_interval_ms: float = RuntimeConfig.stream_interval_ms  # kimizmq's runtime.stream_interval_ms
     work: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
 
@@ -886,8 +886,8 @@ def _report(rows: list[Row], json_path: Path, *, gpu: bool, draw: bool) -> None:
 @click.option("--prefill-chunk", type=click.IntRange(1), help="kimizmq's prefill_chunk")
 @click.option(
     "--decode",
-    type=click.Choice(["compiled", "eager"]),
-    default="compiled",
+    type=click.Choice(DECODE_MODES),
+    default=RuntimeConfig.decode,
     show_default=True,
     help="kimizmq's one-token steps (runtime.decode)",
 )

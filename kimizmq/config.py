@@ -289,7 +289,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
 
     runtime = _dataclass_section(RuntimeConfig, data.get("runtime", {}), f"{src} [runtime]")
     if runtime.decode not in DECODE_MODES:
-        raise ConfigError(f'{src} [runtime]: decode must be "compiled" or "eager", got {runtime.decode!r}')
+        modes = " or ".join(f'"{m}"' for m in DECODE_MODES)
+        raise ConfigError(f"{src} [runtime]: decode must be {modes}, got {runtime.decode!r}")
     for key, bounds in RUNTIME_RANGES.items():
         _check_range(f"{src} [runtime]", key, getattr(runtime, key), bounds)
     plan = _dataclass_section(PlanConfig, data.get("plan", {}), f"{src} [plan]")

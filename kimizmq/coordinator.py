@@ -74,7 +74,6 @@ class Request:
     seq: int = 0
     text: str = ""
     emitted: int = 0
-    cut: int | None = None  # where a stop string starts in `text`
     finish_reason: str | None = None
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -450,8 +449,9 @@ class Engine:
         req.last_token_at = now
         tops = h.get("top_logprobs")
         ev = Event("token", top_logprobs=None if tops is None else [])
+        cut = None
         for i, token in enumerate(h["tokens"]):
-            self._take_token(req, token)
+            cut = self._take_token(req, token)
             ev.tokens.append(token)
             ev.logprobs.append(h["logprobs"][i])
             if tops is not None:
@@ -462,8 +462,8 @@ class Engine:
         # the first). A stop found above releases the request; the steps still
         # on the ring are dropped there, their tokens here.
         upto = len(req.text) if req.finish_reason is not None else len(req.text) - _held_back(req.text, req.stop)
-        if req.cut is not None:
-            upto = req.cut
+        if cut is not None:
+            upto = cut
         ev.text = req.text[req.emitted : max(upto, req.emitted)]
         req.emitted = max(upto, req.emitted)
         req.events.put_nowait(ev)
@@ -471,9 +471,10 @@ class Engine:
             logger.info("request_finished", reason=req.finish_reason, tokens=len(req.tokens), request_id=req.id)
             req.events.put_nowait(Event("done", finish_reason=req.finish_reason))
 
-    def _take_token(self, req: Request, token: int) -> None:
-        """One sampled token: the request's text and, if it ends here, why
-        (an end-of-sequence token, max_tokens, a stop string: `req.cut`)."""
+    def _take_token(self, req: Request, token: int) -> int | None:
+        """One sampled token: the request's text and, if it ends here, why (an
+        end-of-sequence token, max_tokens, a stop string); where a stop string
+        starts in the text, if one did."""
         self.metrics["tokens_generated"] += 1
         req.tokens.append(token)
         req.seq += 1
@@ -489,8 +490,9 @@ class Engine:
             search_from = max(0, req.emitted - max(len(s) for s in req.stop))
             hits = [i for s in req.stop if (i := req.text.find(s, search_from)) >= 0]
             if hits:
-                req.cut = min(hits)
                 req.finish_reason = "stop"
+                return min(hits)
+        return None
 
     # -- status -------------------------------------------------------------------------
 

@@ -140,6 +140,15 @@ class KeptBatch:
     caches: list  # a BatchKVCache per layer
 
 
+def _unbatch(caches: list, states: list[RequestState | None]) -> None:
+    """Row b of the batched `caches` becomes states[b]'s own cache (None: a
+    request no longer open)."""
+    for b, state in enumerate(states):
+        if state is not None:
+            state.cache = [c.extract(b) for c in caches]
+    mx.eval([[c.keys, c.values] for state in states if state is not None for c in state.cache])
+
+
 class Stage:
     """A shard plus the per-request KV caches it holds."""
 
@@ -208,11 +217,7 @@ class Stage:
         caches back (those still open) and is dropped."""
         for key in [k for k in self.kept if not k.isdisjoint(reqs)]:
             kept = self.kept.pop(key)
-            states = [(b, self.requests.get(req)) for b, req in enumerate(kept.reqs)]
-            for b, state in states:
-                if state is not None:
-                    state.cache = [c.extract(b) for c in kept.caches]
-            mx.eval([[c.keys, c.values] for _, state in states if state is not None for c in state.cache])
+            _unbatch(kept.caches, [self.requests.get(req) for req in kept.reqs])
 
     def _run(self, step: Step, state: RequestState) -> ForwardResult:
         """One admitted step on its own."""
@@ -299,13 +304,10 @@ class Stage:
             self.kept[key] = KeptBatch(tuple(s.req for s in rows), caches)
             for st in row_states:
                 st.cache = None
-        else:
-            for b, st in enumerate(row_states):
-                st.cache = [c.extract(b) for c in caches]
-            mx.eval([[c.keys, c.values] for st in row_states for c in st.cache])
-            self.batched_prompt_steps += len(steps)
-        if length == 1:
             self.decode_s += time.perf_counter() - t0
+        else:
+            _unbatch(caches, row_states)
+            self.batched_prompt_steps += len(steps)
         self.forwards += 1
         self.batched_forwards += 1
         self.batched_steps += len(steps)

@@ -68,6 +68,14 @@ class TokenRun:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list] | None = None
 
+    def add(self, result: ForwardResult) -> None:
+        self.tokens.append(result.token)
+        self.logprobs.append(result.logprob)
+        if result.top_logprobs is not None:
+            if self.top_logprobs is None:
+                self.top_logprobs = []
+            self.top_logprobs.append(result.top_logprobs)
+
     def message(self, req: str) -> list:
         out = {"req": req, "seq": self.seq, "tokens": self.tokens, "logprobs": self.logprobs}
         if self.top_logprobs is not None:
@@ -592,10 +600,7 @@ class Worker:
         run = self.outbox.get(h["req"])
         if run is None:
             run = self.outbox[h["req"]] = TokenRun(h["seq"])
-        run.tokens.append(result.token)
-        run.logprobs.append(result.logprob)
-        if result.top_logprobs is not None:
-            run.top_logprobs = [*(run.top_logprobs or ()), result.top_logprobs]
+        run.add(result)
         if last or len(run.tokens) >= wire.MAX_ID_LIST:
             self._send_tokens(h["req"], last=last)
         else:
