@@ -20,9 +20,11 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.deepseek_v3 import DeepseekV3Attention
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config
 
+from . import qmm
 from .checkpoint import stage_tensor_names, tensor_index
 from .config import DECODE_MODES
 
+GPU_DECODE_EVAL_EVERY = 2  # compiled segments per async_eval in Shard.decode on a GPU (decode_eval_every)
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -118,18 +120,27 @@ class Shard:
 
     @property
     def eval_per_layer(self) -> bool:
-        """Start each layer (or compiled segment) as soon as its graph is built,
-        so the device computes it while Python builds the next (mlx-lm's
-        generate_step gets this overlap by building step n+1 while step n runs;
-        a stage waits for its input instead). On the CPU a decode step of the
-        test model gets 15 % faster; on CUDA each evaluation costs ~0.4 ms and
-        the Kimi-geometry model got 35 % slower, so GPUs evaluate a stage's
-        layers at once. Starting every second compiled segment on a GPU hid
-        most of the build (H100, 2 stages over loopback: 89.7 vs 82.6 tok/s)
-        but MLX's CUDA backend then hit "an illegal memory access" in batched
-        decode in 3 of 4 runs on one machine (0 of 2 without), so Shard.decode
-        too evaluates once per step there, as mlx-lm does."""
+        """Start each layer as soon as its graph is built in a prompt pass
+        (`__call__`), so the device computes it while Python builds the next
+        (mlx-lm's generate_step gets this overlap by building step n+1 while
+        step n runs; a stage waits for its input instead). On the CPU a step of
+        the test model gets 15 % faster; on CUDA each evaluation costs ~0.4 ms
+        and the Kimi-geometry model got 35 % slower, so GPUs evaluate a
+        prompt chunk's layers at once."""
         return mx.default_device() == mx.cpu
+
+    @property
+    def decode_eval_every(self) -> int:
+        """Shard.decode starts (`mx.async_eval`) every this many compiled
+        segments as soon as they are built: every layer on the CPU, every
+        second on a GPU, where one segment is too little work to pay for its
+        evaluation. Two H100s, 2 stages, the same machine and call
+        (`bench-results/h100-2gpu-{shipped-vs-ring,every2-guarded}.json`):
+        decode 73.2 vs 73.0 tok/s evaluating once per step, c=8 107.4 vs 95.0,
+        c=16 141.5 vs 114.3 (the ring: 135.3). It was withdrawn once for MLX
+        CUDA faults in batched decode; those were MLX's tiled quantized matmul
+        reading past its input, which kimizmq.qmm now prevents."""
+        return 1 if mx.default_device() == mx.cpu else GPU_DECODE_EVAL_EVERY
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -171,12 +182,12 @@ class Shard:
         first = cache[0]
         position = first.offset if isinstance(first.offset, mx.array) else mx.array(first.offset, dtype=mx.int32)
         mask = create_attention_mask(x, first, return_array=True)  # None for one request
-        overlap = self.eval_per_layer
+        every = self.decode_eval_every
         h, *attn_in = self._segment(-1, head)(x, position)
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             out = _attention_core(layer.self_attn, c, mask, *attn_in)
             h, *attn_in = self._segment(i, head)(h, out, position)
-            if overlap:
+            if every and (i + 1) % every == 0:
                 mx.async_eval(h, *attn_in)
         return h
 
@@ -308,6 +319,8 @@ def iter_load_shard(
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     _quantize(model, config, weights)
+    if qmm.needed():
+        qmm.guard(model)  # MLX's CUDA tiled kernels read past short inputs (kimizmq/qmm.py)
     model.eval()
     try:
         model.load_weights(list(weights.items()), strict=True)

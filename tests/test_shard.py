@@ -100,15 +100,15 @@ def test_compiled_decode_equals_the_eager_pass_to_the_bit(tiny_model, split):
     assert [c.offset for c in compiled] == [c.offset for c in eager] == [24 + 300] * len(eager)
 
 
-@pytest.mark.parametrize("per_layer", [True, False], ids=["start-every-layer", "evaluate-once"])
-def test_compiled_batched_decode_equals_the_eager_pass_to_the_bit(tiny_model, per_layer, monkeypatch):
+@pytest.mark.parametrize("every", [1, 2, 0], ids=["start-every-layer", "start-every-2-layers", "evaluate-once"])
+def test_compiled_batched_decode_equals_the_eager_pass_to_the_bit(tiny_model, every, monkeypatch):
     """Decode steps of requests in flight together (a BatchKVCache, left-padded
     where their pasts differ) through Shard.decode give the eager batched pass's
-    outputs, whether each layer is started as it is built (the CPU) or the
-    step is evaluated at once (a GPU)."""
-    monkeypatch.setattr(Shard, "eval_per_layer", per_layer)
+    outputs, however often the layers are started (every layer on the CPU,
+    every second on a GPU)."""
+    monkeypatch.setattr(Shard, "decode_eval_every", every)
     shard = load_shard(tiny_model, 0, 7)
-    assert shard.eval_per_layer is per_layer
+    assert shard.decode_eval_every == every
     prompts = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26, 43, 38], [2, 7]]
 
     def batch() -> list[BatchKVCache]:

@@ -1,0 +1,144 @@
+"""Quantized matmuls shaped so MLX's CUDA kernels compute them right.
+
+Two faults of mlx 0.32.4's CUDA quantized matmul, found on an H100 in the
+first stage's batched decode (BENCHMARKS.md, "Two MLX CUDA faults"):
+
+- Per-head weights with a batch in front: `embed_q` and `unembed_out`, Kimi's
+  per-head projections, multiply x of shape (B, 64 heads, M, K) by weights of
+  (64, N, K). For B > 1 MLX broadcasts the weights over B and its kernels
+  then use one head's weights for every matrix: relative error ~1.4 against
+  the dequantized product (0.003 for B = 1). So batched decode computed wrong
+  attention. `quantized_matmul` folds B into the rows instead,
+  (64 heads, B * M, K), which the kernels get right.
+- Reading past x: the tiled kernel (`qmm_sm80`, taken once a call has 8 or
+  more rows in all) loads one K tile past the end of x's last row.
+  compute-sanitizer: "Invalid __global__ read ... 1 bytes after the nearest
+  allocation" (64 KiB, `embed_q` of four requests). Where that crosses into
+  an unmapped page the kernel faults, "an illegal memory access was
+  encountered", the CUDA context is lost and the worker with it; whether it
+  does depends on where the allocator put x, so it came and went between
+  runs. `quantized_matmul` hands the kernel x as a view at the start of a
+  buffer with four K tiles of room after it (0 sanitizer errors on every
+  shape a stage runs, 3, 4 and 6 bits).
+
+Both give the same products as before wherever MLX was right (the CPU:
+bit-identical; tests/test_qmm.py). `guard` swaps a loaded model's quantized
+layers to these calls; a shard does that on CUDA only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.mla import QuantizedMultiLinear
+
+VECTOR_ROWS = 8  # MLX uses its vector kernel below this many rows in all
+
+
+def with_room(x: mx.array, room: int) -> mx.array:
+    """x, as a view at the start of a buffer `room` elements longer."""
+    flat = mx.concatenate([x.reshape(-1), mx.zeros((room,), x.dtype)])
+    return flat[: x.size].reshape(x.shape)
+
+
+def quantized_matmul(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array | None,
+    *,
+    transpose: bool,
+    group_size: int,
+    bits: int,
+    mode: str,
+) -> mx.array:
+    """`mx.quantized_matmul` as MLX's CUDA kernels compute it right: per-head
+    weights (B, H, M, K) @ (H, N, K) as (H, B * M, K), and room after x where
+    MLX would use its tiled kernel."""
+    if w.ndim == 3 and x.ndim == 4 and x.shape[0] > 1:
+        b, h, m, k = x.shape
+        folded = x.transpose(1, 0, 2, 3).reshape(h, b * m, k)
+        out = quantized_matmul(
+            folded, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits, mode=mode
+        )
+        return out.reshape(out.shape[0], b, m, -1).transpose(1, 0, 2, 3)
+    if x.ndim >= 2 and x.shape[-2] * math.prod(mx.broadcast_shapes(x.shape[:-2], w.shape[:-2])) >= VECTOR_ROWS:
+        x = with_room(x, 4 * max(64, group_size))  # four of the kernel's K tiles
+    return mx.quantized_matmul(
+        x, w, scales=scales, biases=biases, transpose=transpose, group_size=group_size, bits=bits, mode=mode
+    )
+
+
+class GuardedQuantizedLinear(nn.QuantizedLinear):
+    def __call__(self, x: mx.array) -> mx.array:
+        x = quantized_matmul(
+            x,
+            self["weight"],
+            self["scales"],
+            self.get("biases"),
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+        if "bias" in self:
+            x = x + self["bias"]
+        return x
+
+
+class GuardedQuantizedMultiLinear(QuantizedMultiLinear):
+    def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
+        return quantized_matmul(
+            x,
+            self["weight"],
+            self["scales"],
+            self.get("biases"),
+            transpose=transpose,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+
+
+class GuardedQuantizedEmbedding(nn.QuantizedEmbedding):
+    def as_linear(self, x: mx.array) -> mx.array:
+        return quantized_matmul(
+            x,
+            self["weight"],
+            self["scales"],
+            self.get("biases"),
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+
+
+GUARDED = {
+    nn.QuantizedLinear: GuardedQuantizedLinear,
+    QuantizedMultiLinear: GuardedQuantizedMultiLinear,
+    nn.QuantizedEmbedding: GuardedQuantizedEmbedding,
+}
+
+
+def guard(model: nn.Module) -> int:
+    """Route every quantized layer of `model` through `quantized_matmul`; the
+    layers keep their weights (only their class changes). Returns how many."""
+    count = 0
+    for _, module in model.named_modules():
+        guarded = GUARDED.get(type(module))
+        if guarded is not None:
+            module.__class__ = guarded
+            count += 1
+    return count
+
+
+def needed() -> bool:
+    """Whether this process computes on MLX's CUDA backend."""
+    cuda = getattr(mx, "cuda", None)  # not in every build (macOS)
+    return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
+
+
+__all__ = ["GUARDED", "guard", "needed", "quantized_matmul", "with_room"]
