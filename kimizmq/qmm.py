@@ -71,49 +71,34 @@ def quantized_matmul(
     )
 
 
+def _layer_matmul(layer: nn.Module, x: mx.array, transpose: bool = True) -> mx.array:
+    """`quantized_matmul` with a quantized layer's weights and settings."""
+    return quantized_matmul(
+        x,
+        layer["weight"],
+        layer["scales"],
+        layer.get("biases"),
+        transpose=transpose,
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+
+
 class GuardedQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
-        x = quantized_matmul(
-            x,
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        )
-        if "bias" in self:
-            x = x + self["bias"]
-        return x
+        x = _layer_matmul(self, x)
+        return x + self["bias"] if "bias" in self else x
 
 
 class GuardedQuantizedMultiLinear(QuantizedMultiLinear):
     def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
-        return quantized_matmul(
-            x,
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            transpose=transpose,
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        )
+        return _layer_matmul(self, x, transpose)
 
 
 class GuardedQuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
-        return quantized_matmul(
-            x,
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        )
+        return _layer_matmul(self, x)
 
 
 GUARDED = {

@@ -100,3 +100,19 @@ def test_a_guarded_stage_samples_what_the_plain_one_does(tiny_model):
                 tokens[r].append(o)
         results.append({r: [(o.token, o.logprob, o.top_logprobs) for o in v] for r, v in tokens.items()})
     assert results[0] == results[1]
+
+
+def test_guarded_embedding_head_and_biased_linear_are_unchanged():
+    """The tied head (QuantizedEmbedding.as_linear) and a linear layer with a
+    bias, which a Kimi-K2 checkpoint has not but another model may."""
+    mx.random.seed(1)
+    model = nn.Module()
+    model.embed = nn.QuantizedEmbedding.from_embedding(nn.Embedding(300, 128), group_size=64, bits=4)
+    model.proj = nn.QuantizedLinear.from_linear(nn.Linear(128, 256, bias=True), group_size=64, bits=4)
+    h = mx.random.normal((2, 9, 128))
+    want = (model.embed.as_linear(h), model.proj(h))
+    assert qmm.guard(model) == 2
+    assert type(model.embed) is qmm.GuardedQuantizedEmbedding and type(model.proj) is qmm.GuardedQuantizedLinear
+    got = (model.embed.as_linear(h), model.proj(h))
+    for a, b in zip(want, got):
+        assert mx.array_equal(a, b).item()
