@@ -150,8 +150,18 @@ class Worker:
             if self.curve is not None:
                 self.curve.server(s)
         self.control.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES)  # commands carry no tensors
-        self.control.bind(me.control_address)
-        self.data.bind(me.data_address)
+        try:
+            self.control.bind(me.control_address)
+            self.data.bind(me.data_address)
+        except zmq.ZMQError:
+            # Leave nothing open: a context with live sockets (or a running ZAP
+            # thread) blocks the interpreter's exit, and the worker hung there.
+            self.control.close(linger=0)
+            self.data.close(linger=0)
+            if self.curve is not None:
+                self.curve.stop()
+            self.ctx.term()
+            raise
         self.next: zmq.Socket | None = None
         self.report: zmq.Socket | None = None
         self.loop: zmq.Socket | None = None
