@@ -320,7 +320,7 @@ def iter_load_shard(
         weights = model.sanitize(weights)
     _quantize(model, config, weights)
     if qmm.needed():
-        qmm.guard(model)  # MLX's CUDA tiled kernels read past short inputs (kimizmq/qmm.py)
+        qmm.guard(model)  # around two faults of MLX's CUDA quantized matmul (kimizmq/qmm.py)
     model.eval()
     try:
         model.load_weights(list(weights.items()), strict=True)
