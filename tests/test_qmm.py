@@ -116,3 +116,17 @@ def test_guarded_embedding_head_and_biased_linear_are_unchanged():
     got = (model.embed.as_linear(h), model.proj(h))
     for a, b in zip(want, got):
         assert mx.array_equal(a, b).item()
+
+
+def test_load_shard_guards_where_needed(tiny_model, monkeypatch):
+    """load_shard swaps the layers exactly when qmm.needed() says so (CUDA);
+    forced here on the CPU, the guarded shard computes what the plain one does."""
+    plain = load_shard(tiny_model, 4, 7)
+    monkeypatch.setattr(qmm, "needed", lambda: True)
+    guarded = load_shard(tiny_model, 4, 7)
+    assert not any(type(m) in qmm.GUARDED.values() for _, m in plain.model.named_modules())
+    assert any(type(m) is qmm.GuardedQuantizedMultiLinear for _, m in guarded.model.named_modules())
+    assert not any(type(m) in qmm.GUARDED for _, m in guarded.model.named_modules())
+    h = mx.random.normal((2, 6, plain.model.args.hidden_size))
+    a, b = plain(h, plain.make_cache()), guarded(h, guarded.make_cache())
+    assert mx.array_equal(a, b).item()
