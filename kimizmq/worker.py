@@ -150,21 +150,17 @@ class Worker:
             if self.curve is not None:
                 self.curve.server(s)
         self.control.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES)  # commands carry no tensors
+        self.next: zmq.Socket | None = None
+        self.report: zmq.Socket | None = None
+        self.loop: zmq.Socket | None = None
         try:
             self.control.bind(me.control_address)
             self.data.bind(me.data_address)
         except zmq.ZMQError:
             # Leave nothing open: a context with live sockets (or a running ZAP
             # thread) blocks the interpreter's exit, and the worker hung there.
-            self.control.close(linger=0)
-            self.data.close(linger=0)
-            if self.curve is not None:
-                self.curve.stop()
-            self.ctx.term()
+            self.close()
             raise
-        self.next: zmq.Socket | None = None
-        self.report: zmq.Socket | None = None
-        self.loop: zmq.Socket | None = None
         self.connected: dict[str, str] = {}  # "next"/"report"/"loop" -> address
         self.pending: list[wire.Message] = []  # decode steps a single stage fed itself
         self.released: OrderedDict[str, None] = OrderedDict()
