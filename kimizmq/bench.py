@@ -22,6 +22,9 @@ Metrics, one JSON row each (`Row`):
              a single stage feeds itself in process, counted as one); the mlx-lm
              pipeline, its step time above single-process mlx-lm over 2 hops (the
              send between ranks and the all_gather back)
+  build_ms   kimizmq decode: of the stages' compute per token, the time until a
+             stage's graph was built (on a GPU the device starts its first
+             layers meanwhile); the rest is waiting for the device
 
 The mlx-lm processes run this module (`python -m kimizmq.bench SPEC.json`);
 rank 0 writes their rows. Prints a table, writes the rows to a JSON file and
@@ -96,6 +99,8 @@ class Row:
     prefill_chunk: int | None = None  # kimizmq's runtime prefill_chunk; mlx-lm's prefill_step_size
     step_ms: float | None = None  # decode: wall time per token
     compute_ms: float | None = None  # decode, kimizmq: the stages' own compute per token, summed
+    build_ms: float | None = None  # decode, kimizmq: of compute_ms, until the graphs were built
+
     hop_us: float | None = None
     trials: int = 1
     model: str = ""
@@ -444,8 +449,9 @@ def _mlx_lm_process(spec_path: str) -> int:
 # -- kimizmq: a loopback cluster driven over HTTP -------------------------------------------------
 
 
-def _worker_stats(cfg) -> dict[str, tuple[int, float]] | None:
-    """Each worker's (forwards, seconds computing decode steps) from its control socket; None if unavailable."""
+def _worker_stats(cfg) -> dict[str, tuple[int, float, float]] | None:
+    """Each worker's (forwards, seconds computing decode steps, of those building
+    their graphs) from its control socket; None if unavailable."""
     from .control import ControlError, ControlTimeout, call_once
 
     if getattr(getattr(cfg, "security", None), "curve_dir", None):
@@ -454,7 +460,7 @@ def _worker_stats(cfg) -> dict[str, tuple[int, float]] | None:
     for w in cfg.workers:
         try:
             result = call_once(w.control_address, "stats", timeout_s=STATS_TIMEOUT_MS / 1000, name=w.name)
-            out[w.name] = (int(result["forwards"]), float(result["decode_compute_s"]))
+            out[w.name] = (int(result["forwards"]), float(result["decode_compute_s"]), float(result["decode_build_s"]))
         except (ControlError, ControlTimeout, KeyError, TypeError, ValueError):
             return None
     return out
@@ -526,15 +532,18 @@ async def _drive_kimizmq(
                 rates.append(_decode_rate(times))
             after = _worker_stats(cfg)
             tps = _median(rates)
-            compute_ms = hop_us = None
+            compute_ms = build_ms = hop_us = None
             if before and after:
                 # The stages' own time in one-token passes (a prompt's pass is not one).
                 total_s = sum(after[w][1] - before[w][1] for w in after)
                 steps = bc.decode_trials * (bc.decode_tokens - 1)
                 compute_ms = 1e3 * total_s / steps
+                build_ms = 1e3 * sum(after[w][2] - before[w][2] for w in after) / steps
                 hop_us = max(0.0, (1e3 / tps - compute_ms) * 1e3 / stages)
             rows.append(
-                bc.decode_row("kimizmq", stages, tps, compute_ms=compute_ms, hop_us=hop_us, prefill_chunk=chunk)
+                bc.decode_row(
+                    "kimizmq", stages, tps, compute_ms=compute_ms, build_ms=build_ms, hop_us=hop_us, prefill_chunk=chunk
+                )
             )
 
             for c in bc.concurrency:
@@ -668,7 +677,7 @@ def _num(v: float | None, fmt: str) -> str:
 
 def format_table(rows: list[Row]) -> str:
     head = ["system", "stages", "conc", "prompt", "chunk", "decode tok/s", "aggregate tok/s", "TTFT s", "step ms"]
-    head += ["compute ms", "hop us", "error"]
+    head += ["compute ms", "build ms", "hop us", "error"]
     table = [head]
     for r in rows:
         table.append(
@@ -683,6 +692,7 @@ def format_table(rows: list[Row]) -> str:
                 _num(r.ttft_s, ".3f"),
                 _num(r.step_ms, ".2f"),
                 _num(r.compute_ms, ".2f"),
+                _num(r.build_ms, ".2f"),
                 _num(r.hop_us, ".0f"),
                 (r.error or "")[:80],
             ]

@@ -162,6 +162,7 @@ class Stage:
         self.kept: dict[frozenset[str], KeptBatch] = {}  # by the set of requests
         self.compute_s = 0.0
         self.decode_s = 0.0  # of compute_s, in passes of one token per request
+        self.decode_build_s = 0.0  # of decode_s, until the pass's graph was built (and partly started)
         self.forwards = 0  # forward passes, a batched one counting once
         self.batched_forwards = 0
         self.batched_steps = 0  # requests served by batched passes
@@ -228,6 +229,7 @@ class Stage:
             out = self.shard.decode(step.x, state.cache, head=step.sample)
         else:
             out = self.shard(step.x, state.cache, head=step.sample)
+        built = time.perf_counter()
         if self.shard.last and step.sample:
             result = sample(out[:, -1, :], state.params, step.offset + length)
         else:
@@ -236,6 +238,7 @@ class Stage:
         self.forwards += 1
         if length == 1:
             self.decode_s += time.perf_counter() - t0
+            self.decode_build_s += built - t0
         self._done(state, length, t0)
         return result
 
@@ -290,6 +293,7 @@ class Stage:
             out = self.shard.decode(x, caches, head=True)
         else:
             out = self.shard(x, caches, head=True)
+        built = time.perf_counter()
         if self.shard.last:
             lazy = [
                 _sample_lazy(out[b : b + 1, -1, :], st.params, step.offset + length)
@@ -305,6 +309,7 @@ class Stage:
             for st in row_states:
                 st.cache = None
             self.decode_s += time.perf_counter() - t0
+            self.decode_build_s += built - t0
         else:
             _unbatch(caches, row_states)
             self.batched_prompt_steps += len(steps)

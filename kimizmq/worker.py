@@ -302,6 +302,7 @@ class Worker:
             tokens_in=stage.tokens_in if stage else 0,
             compute_s=stage.compute_s if stage else 0.0,
             decode_compute_s=stage.decode_s if stage else 0.0,
+            decode_build_s=stage.decode_build_s if stage else 0.0,
             batched_forwards=stage.batched_forwards if stage else 0,
             batched_steps=stage.batched_steps if stage else 0,
             batched_prompt_steps=stage.batched_prompt_steps if stage else 0,

@@ -114,6 +114,8 @@ def test_kept_batches_give_each_request_its_tokens_however_the_groups_change(tin
     step("c")
     step("b", "c")
     assert stage.kept_batch_steps >= 5
+    # decode passes, lone and batched, split their time into building and the rest
+    assert 0 < stage.decode_build_s <= stage.decode_s <= stage.compute_s
     for req in prompts:
         want = alone(req, len(got[req]))
         assert [t for t, _ in got[req]] == [t for t, _ in want], req

@@ -39,6 +39,7 @@ def test_bench_quick_path_writes_valid_rows_for_every_system(tiny_model, tmp_pat
     assert ("kimizmq", 2, "ttft", 1, 24) in seen  # the prompt in one piece
     kimizmq = next(r for r in rows if r["system"] == "kimizmq" and r["metric"] == "decode")
     assert kimizmq["compute_ms"] > 0 and kimizmq["hop_us"] is not None
+    assert 0 < kimizmq["build_ms"] <= kimizmq["compute_ms"]
     assert "goals:" in run.stdout and "mlx-lm-ring" in run.stdout
 
     again = subprocess.run(
