@@ -10,6 +10,7 @@ import mlx.nn as nn
 import pytest
 from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.models.mla import QuantizedMultiLinear
+from mlx_lm.models.switch_layers import SwitchGLU
 
 from kimizmq import qmm
 from kimizmq.shard import load_shard
@@ -52,12 +53,13 @@ def test_with_room_is_the_same_array():
 def test_guard_swaps_every_quantized_layer_and_changes_no_output(tiny_model):
     plain, guarded = load_shard(tiny_model, 0, 7), load_shard(tiny_model, 0, 7)
     assert not qmm.needed()  # the CPU: load_shard leaves the layers as they are
-    kinds = (nn.QuantizedLinear, QuantizedMultiLinear, nn.QuantizedEmbedding)
+    kinds = (nn.QuantizedLinear, QuantizedMultiLinear, nn.QuantizedEmbedding, SwitchGLU)
     before = sum(isinstance(m, kinds) for _, m in guarded.model.named_modules())
     assert not any(type(m) in qmm.GUARDED.values() for _, m in guarded.model.named_modules())
     assert qmm.guard(guarded.model) == before > 0
     swapped = {type(m) for _, m in guarded.model.named_modules() if type(m) in qmm.GUARDED.values()}
     assert qmm.GuardedQuantizedLinear in swapped and qmm.GuardedQuantizedMultiLinear in swapped
+    assert qmm.LeanSwitchGLU in swapped
     assert not any(type(m) in qmm.GUARDED for _, m in guarded.model.named_modules())
 
     # a prompt pass, then decode steps of three requests batched (left-padded)
@@ -75,6 +77,25 @@ def test_guard_swaps_every_quantized_layer_and_changes_no_output(tiny_model):
         outs.append((logits, steps))
     for a, b in zip(outs[0][0] + outs[0][1], outs[1][0] + outs[1][1]):
         assert mx.array_equal(a, b).item()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7])
+def test_lean_experts_compute_mlx_lm_experts_to_the_bit(tiny_model, rows):
+    """One decode token per request (the lean path, fewer than 64 (row, expert)
+    pairs) and a prompt chunk (mlx-lm's sorted path) through every MoE layer."""
+    plain, lean = load_shard(tiny_model, 0, 7), load_shard(tiny_model, 0, 7)
+    qmm.guard(lean.model)
+    hidden = plain.config["hidden_size"]
+    for shape in ((rows, 1, hidden), (1, 5 * rows, hidden)):
+        x = mx.random.normal(shape, key=mx.random.key(rows)).astype(plain.dtype)
+        pairs = [
+            (a.mlp, b.mlp)
+            for a, b in zip(plain.layers, lean.layers)
+            if isinstance(getattr(b.mlp, "switch_mlp", None), qmm.LeanSwitchGLU)
+        ]
+        assert pairs
+        for a, b in pairs:
+            assert mx.array_equal(a(x), b(x)).item()
 
 
 def test_a_guarded_stage_samples_what_the_plain_one_does(tiny_model):
