@@ -38,6 +38,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.mla import QuantizedMultiLinear
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
@@ -115,10 +116,9 @@ def _rows(batch: tuple[int, ...], shape: tuple[int, ...]) -> mx.array:
     """The lhs indices `gather_qmm` derives when given none (x's batch rows,
     broadcast over the experts), as a contiguous constant."""
     rows = _ROWS.get((batch, shape))
-    if rows is None:
-        rows = mx.contiguous(mx.broadcast_to(mx.arange(math.prod(batch), dtype=mx.uint32).reshape(batch), shape))
-        mx.eval(rows)
-        _ROWS[(batch, shape)] = rows
+    if rows is None:  # made from the host: a plain constant even when first asked for inside mx.compile's trace
+        ids = np.arange(math.prod(batch), dtype=np.uint32).reshape(batch)
+        rows = _ROWS[(batch, shape)] = mx.array(np.ascontiguousarray(np.broadcast_to(ids, shape)))
     return rows
 
 
