@@ -100,7 +100,6 @@ class Row:
     step_ms: float | None = None  # decode: wall time per token
     compute_ms: float | None = None  # decode, kimizmq: the stages' own compute per token, summed
     build_ms: float | None = None  # decode, kimizmq: of compute_ms, until the graphs were built
-
     hop_us: float | None = None
     trials: int = 1
     model: str = ""

@@ -146,9 +146,11 @@ class LeanSwitchGLU(SwitchGLU):
     ~4 fewer kernels per MoE layer and token (MLX issues each for ~10 us)."""
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        projections = (self.up_proj, self.gate_proj, self.down_proj)
-        lean = indices.size < 64 and all(type(p) is QuantizedSwitchLinear and "bias" not in p for p in projections)
-        if not lean or any(getattr(p, "global_scale", None) is not None for p in projections):
+        plain = (
+            type(p) is QuantizedSwitchLinear and "bias" not in p and getattr(p, "global_scale", None) is None
+            for p in (self.up_proj, self.gate_proj, self.down_proj)
+        )
+        if indices.size >= 64 or not all(plain):
             return super().__call__(x, indices)  # sorted experts, biases, unquantized or nvfp4 weights: mlx-lm's way
         x = mx.expand_dims(x, (-2, -3))
         idx = mx.contiguous(mx.stop_gradient(indices))

@@ -119,7 +119,8 @@ def build_eval(args) -> None:
         return 1e3 * b / args.tokens, 1e3 * e / args.tokens
 
     every = shard_mod.GPU_DECODE_EVAL_EVERY  # the shipped cadence (GPUs; the CPU starts every layer either way)
-    mlx_lm_loop(model, args.tokens), mlx_lm_serial(), kimizmq(0, "w0")  # warm up
+    for warm in (lambda: mlx_lm_loop(model, args.tokens), mlx_lm_serial, lambda: kimizmq(0, "w0")):
+        warm()
     res: dict[str, list] = {}
     for r in range(args.rounds):
         res.setdefault("mlx-lm loop ms", []).append(mlx_lm_loop(model, args.tokens))
@@ -157,7 +158,10 @@ def by_layer(args) -> None:
             a = layer.self_attn(layer.input_layernorm(h[r]), None, cache=caches[r][i])
             m_in = layer.post_attention_layernorm(h[r] + a)
             m = layer.mlp(m_in)
-            attn.append(a), mlp_in.append(m_in), mlp.append(m), nxt.append(h[r] + a + m)
+            attn.append(a)
+            mlp_in.append(m_in)
+            mlp.append(m)
+            nxt.append(h[r] + a + m)
         x = mx.concatenate(h, axis=0)  # the same inputs, batched
         a = layer.self_attn(
             layer.input_layernorm(x), create_attention_mask(x, batched[i], return_array=True), cache=batched[i]
@@ -206,11 +210,9 @@ def lean(args) -> None:
             f"{name}: argmax agrees with mlx-lm at {agree}/{args.tokens} teacher-forced steps, max |logprob diff| {diff:.5f}"
         )
     res: dict[str, list[float]] = {}
-    (
-        mlx_lm_loop(model, args.tokens),
-        stage_loop(lean_shard, "w0", args.tokens),
-        stage_loop(plain_shard, "w1", args.tokens),
-    )
+    mlx_lm_loop(model, args.tokens)  # warm up
+    stage_loop(lean_shard, "w0", args.tokens)
+    stage_loop(plain_shard, "w1", args.tokens)
     for r in range(args.rounds):
         res.setdefault("mlx-lm", []).append(mlx_lm_loop(model, args.tokens))
         res.setdefault("1 stage lean", []).append(stage_loop(lean_shard, f"a{r}", args.tokens))
