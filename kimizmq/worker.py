@@ -47,6 +47,7 @@ from .stage import ForwardResult, Stage, StageError, Step
 
 POLL_MS = 100
 MAX_BATCH = 16  # data messages taken per loop round
+PARTNER_WAIT_S = 0.002  # how long a stage waits for the rest of a kept batch's decode steps
 MAX_STAGES = 1024  # a load's `stages` (Kimi-K2 has 61 layers)
 EVICT_SWEEP_S = 5.0  # how often idle requests are looked for
 LOG_CHUNK_BYTES = 48 * 1024  # of log per `logs` reply: a reply header stays under 64 KiB
@@ -185,6 +186,8 @@ class Worker:
             "dropped_after_release": 0,
             "coordinator_not_reading": 0,
             "split_waves": 0,  # first stage: waves sent on as one batch per stage
+            "partner_waits": 0,  # rounds that waited for the rest of a kept batch
+            "partner_waits_expired": 0,  # of those, the rest did not all come in PARTNER_WAIT_S
         }
         self.running = True
         self._last_sweep = time.monotonic()
@@ -221,7 +224,9 @@ class Worker:
                 self.control.send_multipart(self.handle_command(self.control.recv_multipart(copy=False)))
             if self.data in events or self.pending:
                 batch, self.pending = self.pending, []
-                self.handle_data(*batch, *(self._drain() if self.data in events else ()))
+                if self.data in events:
+                    batch += self._drain(batch)
+                self.handle_data(*batch)
             if self.outbox:
                 self._flush_tokens()
             if self.loader is not None:
@@ -243,16 +248,42 @@ class Worker:
                 logger.warning("request_evicted", idle_s=round(now - state.last_used, 1))
                 log.bind_request(None)
 
-    def _drain(self) -> list:
+    def _drain(self, have: list) -> list:
         """What is waiting on the data socket, up to MAX_BATCH messages: decode
-        steps of different requests that arrive together run as one batch."""
-        batch = [self.data.recv_multipart(copy=False)]
+        steps of different requests that arrive together run as one batch.
+
+        The previous stage sends a batch's steps one message each, back to
+        back; a round that caught only some of them would split the batch
+        (smaller passes, and the kept batched caches merged anew). So while a
+        request here ran its last step in a batch whose other requests are not
+        here yet (nor in `have`), this waits for them, up to PARTNER_WAIT_S."""
+        batch = [_decoded(self.data.recv_multipart(copy=False))]
+        deadline = None
         while len(batch) < MAX_BATCH:
             try:
-                batch.append(self.data.recv_multipart(zmq.NOBLOCK, copy=False))
+                batch.append(_decoded(self.data.recv_multipart(zmq.NOBLOCK, copy=False)))
+                continue
             except zmq.Again:
+                pass
+            if not self._partners_missing([*have, *batch]):
+                break
+            if deadline is None:
+                self.counters["partner_waits"] += 1
+                deadline = time.monotonic() + PARTNER_WAIT_S
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.data.poll(max(1, math.ceil(left * 1e3))):
+                self.counters["partner_waits_expired"] += 1
                 break
         return batch
+
+    def _partners_missing(self, batch: list) -> bool:
+        """Whether a decode step here ran its last pass in a kept batch some of
+        whose requests have sent nothing here yet."""
+        stage = self.stage
+        if stage is None or not stage.kept:
+            return False
+        here = {m.header["req"] for m in batch if isinstance(m, wire.Message)}
+        return any(not key.isdisjoint(here) and not key <= here for key in stage.kept)
 
     # -- control ------------------------------------------------------------------
 
@@ -653,6 +684,15 @@ class Worker:
             self._report_error(h["req"], "cannot continue: the load named no first stage (load argument 'first')")
             return False
         return True
+
+
+def _decoded(frames) -> wire.Message | list:
+    """A data message decoded, or its frames as they came if they do not decode
+    (handle_data counts and reports those)."""
+    try:
+        return wire.decode(frames)
+    except wire.WireError:
+        return frames
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

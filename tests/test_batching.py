@@ -4,10 +4,12 @@ batched forward pass, and give exactly the tokens each request gets alone."""
 from __future__ import annotations
 
 import threading
+import time
 
 import mlx.core as mx
 import numpy as np
 
+from kimizmq.config import load_config
 from kimizmq.local import LocalCluster, write_config
 from kimizmq.shard import load_shard
 from kimizmq.stage import Stage, Step
@@ -123,3 +125,67 @@ def test_kept_batches_give_each_request_its_tokens_however_the_groups_change(tin
     for req in ("b", "c"):
         stage.release(req)
     assert stage.requests == {} and stage.kept == {} and stage.cache_bytes() == 0
+
+
+def test_a_stage_waits_for_the_rest_of_a_kept_batch_and_no_longer(tiny_model, tmp_path, monkeypatch):
+    """A worker's data round that caught only some of a kept batch's decode
+    steps waits for the others (the previous stage sends them one message
+    each); it stops waiting once they are all there, or a release stands in
+    for one, or PARTNER_WAIT_S has passed."""
+    import zmq
+
+    from kimizmq import wire
+    from kimizmq import worker as worker_module
+
+    cfg = load_config(write_config(tmp_path / "kimi.toml", tiny_model, 1))
+    w = worker_module.Worker(cfg, cfg.workers[0])
+    push = w.ctx.socket(zmq.PUSH)
+    try:
+        w.cmd_load({"start": 0, "end": 7, "next": cfg.coordinator.result_address})
+        while w.loader is not None:
+            w._load_step()
+        assert w.state == "ready", w.error
+        prompts = {"a": [3, 14, 15], "b": [35, 89, 79, 32]}
+        for req, p in prompts.items():
+            w.stage.forward_many([Step(req, 0, mx.array([p], dtype=mx.int32), True, {})])
+        w.stage.forward_many([Step(q, len(p), mx.array([[5]], dtype=mx.int32), True, {}) for q, p in prompts.items()])
+        assert list(w.stage.kept) == [frozenset(prompts)]
+        push.connect(w.me.data_address)
+
+        def step(req: str) -> list:
+            header = {"req": req, "seq": 2, "offset": len(prompts[req]) + 1, "sample": True, "params": {}}
+            return wire.encode("forward", header, [mx.array([[7]], dtype=mx.int32)])
+
+        def drain() -> tuple[list[str], float]:
+            assert w.data.poll(5000)
+            t0 = time.monotonic()
+            got = w._drain([])
+            return [m.header["req"] for m in got], time.monotonic() - t0
+
+        push.send_multipart(step("a"))
+        push.send_multipart(step("b"))
+        wire_round, _ = drain()  # both there: no wait
+        assert sorted(wire_round) == ["a", "b"] and w.counters["partner_waits"] == 0
+
+        push.send_multipart(step("a"))
+        push.send_multipart(wire.encode("release", {"req": "b"}))  # b will send nothing more
+        assert drain()[0] == ["a", "b"] and w.counters["partner_waits"] == 0
+
+        push.send_multipart(step("a"))  # b's step never comes
+        reqs, took = drain()
+        assert reqs == ["a"] and took >= worker_module.PARTNER_WAIT_S
+        assert w.counters["partner_waits"] == 1 and w.counters["partner_waits_expired"] == 1
+
+        monkeypatch.setattr(worker_module, "PARTNER_WAIT_S", 30.0)
+        push.send_multipart(step("a"))
+        late = threading.Timer(0.05, lambda: push.send_multipart(step("b")))
+        late.start()
+        try:
+            reqs, took = drain()  # b comes while a waits for it
+        finally:
+            late.join()
+        assert reqs == ["a", "b"] and took < 30.0
+        assert w.counters["partner_waits"] == 2 and w.counters["partner_waits_expired"] == 1
+    finally:
+        push.close(linger=0)
+        w.close()

@@ -39,11 +39,12 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kimizmq import qmm  # noqa: E402
+from kimizmq import qmm, wire  # noqa: E402
 from kimizmq import shard as shard_mod  # noqa: E402
 from kimizmq.stage import Stage, Step  # noqa: E402
 
 PROMPT = list(range(1, 33))
+PROMPT_LEN = len(PROMPT)
 VIEWS = {"Reshape", "Slice", "Transpose", "ExpandDims", "Broadcast", "Squeeze", "Split", "Unflatten", "Flatten"}
 VIEWS |= {"StopGradient", "AsStrided"}
 
@@ -276,15 +277,110 @@ def primitives(args) -> None:
         print("profiled round", rep, "(mlx-lm, then kimizmq)", flush=True)
 
 
+def hop(args) -> None:
+    """A two-stage step in one process, without sockets: each stage's compute, and
+    what carrying its output to the next stage costs (wire.encode, wire.decode), per
+    token; then the same layers as one stage."""
+    n = layers_of(args.model)
+    shards = shard_mod.load_shard(args.model, 0, n // 2), shard_mod.load_shard(args.model, n // 2, n)
+    stages = [Stage(s, max_requests=4, max_context=4096, compiled_decode=True) for s in shards]
+
+    def pipeline(req: str, tokens: int) -> dict[str, float]:
+        ids, offset, parts = mx.array([PROMPT], dtype=mx.int32), 0, {}
+        for i in range(tokens + 1):
+            t = [time.perf_counter()]
+            act = stages[0].forward_many([Step(req, offset, ids, False, {})])[0].activations
+            t.append(time.perf_counter())
+            head = {"req": req, "seq": i, "offset": offset, "sample": True, "params": {}}
+            frames = wire.encode("forward", head, [act])
+            t.append(time.perf_counter())
+            act = wire.decode(frames).tensors[0]
+            t.append(time.perf_counter())
+            token = stages[1].forward_many([Step(req, offset, act, True, {})])[0].token
+            t.append(time.perf_counter())
+            ids = wire.decode(wire.encode("forward", head, [mx.array([[token]], dtype=mx.int32)])).tensors[0]
+            t.append(time.perf_counter())
+            offset += PROMPT_LEN if i == 0 else 1
+            if i == 0:
+                continue  # the prompt
+            for k, name in enumerate(["stage 1", "encode", "decode", "stage 2", "token there"]):
+                parts[name] = parts.get(name, 0.0) + 1e3 * (t[k + 1] - t[k]) / tokens
+        for s in stages:
+            s.release(req)
+        parts["total"] = sum(parts.values())
+        return parts
+
+    whole = shard_mod.load_shard(args.model, 0, n)
+    pipeline("w", 8)
+    stage_loop(whole, "w", 8)
+    for r in range(args.rounds):
+        parts = pipeline(f"p{r}", args.tokens)
+        print(
+            r,
+            {k: round(v, 3) for k, v in parts.items()},
+            "one stage:",
+            round(stage_loop(whole, f"s{r}", args.tokens), 3),
+            flush=True,
+        )
+
+
+def batch(args) -> None:
+    """ms per batched decode step of B requests (one stage, all layers), and what
+    one MoE layer's parts take for B tokens in isolation."""
+    n = layers_of(args.model)
+    shard = shard_mod.load_shard(args.model, 0, n)
+    stage = Stage(shard, max_requests=16, max_context=4096, compiled_decode=True)
+    reqs = [f"r{i}" for i in range(8)]
+    for r in reqs:
+        stage.forward_many([Step(r, 0, mx.array([PROMPT], dtype=mx.int32), False, {})])
+    offsets = dict.fromkeys(reqs, PROMPT_LEN)
+
+    def step(group: list[str]) -> None:
+        stage.forward_many([Step(r, offsets[r], mx.array([[3]], dtype=mx.int32), True, {}) for r in group])
+        for r in group:
+            offsets[r] += 1
+
+    def timed(f, reps: int) -> float:
+        for _ in range(3):
+            f()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        return 1e3 * (time.perf_counter() - t0) / reps
+
+    for b in (1, 2, 4, 8):
+        print(f"B={b}: {timed(lambda g=reqs[:b]: step(g), args.tokens):.3f} ms a step", flush=True)
+    moe = next(layer.mlp for layer in shard.layers if hasattr(layer.mlp, "switch_mlp"))
+    hidden = shard.config["hidden_size"]
+    for b in (1, 2, 4, 8):
+        x = mx.random.normal((b, 1, hidden)).astype(shard.dtype)
+        inds, _ = moe.gate(x)
+        parts = {
+            "gate": lambda x=x: mx.eval(moe.gate(x)),
+            "routed experts": lambda x=x, inds=inds: mx.eval(moe.switch_mlp(x, inds)),
+            "shared expert": lambda x=x: mx.eval(moe.shared_experts(x)),
+            "attention in (q_a_proj)": lambda x=x: mx.eval(shard.layers[1].self_attn.q_a_proj(x)),
+        }
+        print(f"B={b}: " + ", ".join(f"{k} {1e3 * timed(f, 50):.0f} us" for k, f in parts.items()), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["build-eval", "by-layer", "lean", "primitives"])
+    ap.add_argument("what", choices=["build-eval", "by-layer", "lean", "primitives", "hop", "batch"])
     ap.add_argument("model")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--ncu", action="store_true", help="primitives: also profile one step of each")
     args = ap.parse_args()
-    {"build-eval": build_eval, "by-layer": by_layer, "lean": lean, "primitives": primitives}[args.what](args)
+    modes = {
+        "build-eval": build_eval,
+        "by-layer": by_layer,
+        "lean": lean,
+        "primitives": primitives,
+        "hop": hop,
+        "batch": batch,
+    }
+    modes[args.what](args)
     return 0
 
 
