@@ -6,6 +6,8 @@ figures that matter come from a GPU.
     python tools/gpu_decode_probe.py by-layer MODEL_DIR     # batched vs lone, layer by layer
     python tools/gpu_decode_probe.py lean MODEL_DIR         # qmm.LeanSwitchGLU vs mlx-lm's SwitchGLU
     python tools/gpu_decode_probe.py primitives MODEL_DIR [--ncu]
+    python tools/gpu_decode_probe.py hop MODEL_DIR          # a two-stage step in one process, no sockets
+    python tools/gpu_decode_probe.py batch MODEL_DIR        # ms per batched decode step of 1, 2, 4, 8 requests
 
 `primitives` counts the operations in one decode step's graph. With --ncu it also runs one
 step of each between cudaProfilerStart/Stop, for
@@ -15,6 +17,8 @@ On an H100 (16-layer Kimi-geometry model):
 - build-eval: mlx-lm 1.71 + 8.64 ms, kimizmq 1.32 + 8.76 ms; mlx-lm's own loop 9.17 ms a token.
 - by-layer: attention 0.007 relative, MLP <= 0.0013, the same experts.
 - lean: 13.24 vs 15.04 ms a token, logprobs equal to mlx-lm's to the bit.
+- hop: stages of 8 layers 5.5-5.7 ms each, encode 0.16, decode 0.19, token back 0.20.
+- batch: 10.0 / 13.2 / 17.9 / 42.7 ms a step for 1 / 2 / 4 / 8 requests.
 """
 
 from __future__ import annotations
