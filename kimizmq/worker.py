@@ -282,7 +282,7 @@ class Worker:
         stage = self.stage
         if stage is None or not stage.kept:
             return False
-        here = {m.header["req"] for m in batch if isinstance(m, wire.Message)}
+        here = {m.header["req"] for m in batch if isinstance(m, wire.Message) and m.kind in ("forward", "release")}
         return any(not key.isdisjoint(here) and not key <= here for key in stage.kept)
 
     # -- control ------------------------------------------------------------------

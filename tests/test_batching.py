@@ -156,24 +156,28 @@ def test_a_stage_waits_for_the_rest_of_a_kept_batch_and_no_longer(tiny_model, tm
             header = {"req": req, "seq": 2, "offset": len(prompts[req]) + 1, "sample": True, "params": {}}
             return wire.encode("forward", header, [mx.array([[7]], dtype=mx.int32)])
 
-        def drain() -> tuple[list[str], float]:
+        def drain() -> tuple[list, float]:
             assert w.data.poll(5000)
             t0 = time.monotonic()
             got = w._drain([])
-            return [m.header["req"] for m in got], time.monotonic() - t0
+            return got, time.monotonic() - t0
 
         push.send_multipart(step("a"))
         push.send_multipart(step("b"))
-        wire_round, _ = drain()  # both there: no wait
-        assert sorted(wire_round) == ["a", "b"] and w.counters["partner_waits"] == 0
+        got, _ = drain()  # both there: no wait
+        assert sorted(m.header["req"] for m in got) == ["a", "b"] and w.counters["partner_waits"] == 0
 
         push.send_multipart(step("a"))
         push.send_multipart(wire.encode("release", {"req": "b"}))  # b will send nothing more
-        assert drain()[0] == ["a", "b"] and w.counters["partner_waits"] == 0
+        assert [m.header["req"] for m in drain()[0]] == ["a", "b"] and w.counters["partner_waits"] == 0
 
-        push.send_multipart(step("a"))  # b's step never comes
-        reqs, took = drain()
-        assert reqs == ["a"] and took >= worker_module.PARTNER_WAIT_S
+        push.send_multipart(step("a"))  # b's step never comes; a message of the wrong kind does
+        push.send_multipart(wire.encode("command", {"cmd": "ping", "id": "x"}))
+        got, took = drain()
+        reqs = [m.header.get("req") for m in got]
+        assert reqs == ["a", None] and took >= worker_module.PARTNER_WAIT_S
+        w.handle_data(got[1])  # counted and dropped, as handle_data does with any stray kind
+        assert w.counters["bad_messages"] == 1
         assert w.counters["partner_waits"] == 1 and w.counters["partner_waits_expired"] == 1
 
         monkeypatch.setattr(worker_module, "PARTNER_WAIT_S", 30.0)
@@ -181,10 +185,10 @@ def test_a_stage_waits_for_the_rest_of_a_kept_batch_and_no_longer(tiny_model, tm
         late = threading.Timer(0.05, lambda: push.send_multipart(step("b")))
         late.start()
         try:
-            reqs, took = drain()  # b comes while a waits for it
+            got, took = drain()  # b comes while a waits for it
         finally:
             late.join()
-        assert reqs == ["a", "b"] and took < 30.0
+        assert [m.header["req"] for m in got] == ["a", "b"] and took < 30.0
         assert w.counters["partner_waits"] == 2 and w.counters["partner_waits_expired"] == 1
     finally:
         push.close(linger=0)
