@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import log, metrics
+from . import dashboard, log, metrics
 from .coordinator import Engine, Event, QueueFull, Request, RequestError
 from .plan import GIB
 
@@ -441,6 +441,8 @@ def _worker_row(app: web.Application, name: str, w: dict) -> dict:
         "requests": w.get("requests"),
         "memory_bytes": w.get("memory_bytes"),
         "memory_total_bytes": int(cfg.memory_gb * GIB),
+        "weight_bytes": w.get("weight_bytes"),
+        "cache_bytes": w.get("cache_bytes"),
         "tokens_per_s": rate,
         "last_seen": w.get("last_seen") or w.get("time"),  # while loading: the worker's time of its answer
         "pid": w.get("pid"),
@@ -516,6 +518,7 @@ def make_app(engine: Engine) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", prometheus)
+    dashboard.add_routes(app, engine.cfg.api.dashboard)
     return app
 
 

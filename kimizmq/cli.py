@@ -121,8 +121,9 @@ def prompt_command(config_path, max_tokens, temperature, top_p, seed, raw, text)
 @click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(1), default=48, show_default=True)
 @click.option("--dir", "work_dir", default="var/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--keep", is_flag=True, help="then keep the cluster up, to use its page in a browser, until Ctrl-C")
 @click.argument("text", default="Tell me about pipelines of Macs.")
-def demo_command(workers, max_tokens, work_dir, text):
+def demo_command(workers, max_tokens, work_dir, keep, text):
     """Bring up a coordinator and workers on loopback with the tiny test model
     (made on first use) and stream one completion."""
     from .local import LocalCluster, write_config
@@ -151,6 +152,10 @@ def demo_command(workers, max_tokens, work_dir, text):
             )
         )
         sys.stdout.write("\n")
+        if keep:
+            click.echo(f"\nthe cluster stays up: open {cluster.api}/ in a browser; Ctrl-C stops it", err=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                cluster.coordinator.wait()
     click.echo(f"\nstopped. logs: {cluster.log_dir} (try: kimi logs --config {cfg_path})", err=True)
 
 

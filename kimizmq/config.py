@@ -106,6 +106,11 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    dashboard: bool = True  # GET / serves the page of the cluster and a chat
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     model_path: Path
@@ -115,6 +120,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     log_dir: Path = Path("var/log")
 
     def worker(self, name: str) -> WorkerConfig:
@@ -305,6 +311,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         curve_dir=_resolve(base, curve_dir) if curve_dir else None,
         api_key=_typed(sec, "api_key", str, f"{src} [security]"),
     )
+    api = _dataclass_section(ApiConfig, data.get("api", {}), f"{src} [api]")
     log_dir = _resolve(base, data.get("logging", {}).get("dir", "../var/log"))
     return Config(
         path=path,
@@ -315,6 +322,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         runtime=runtime,
         plan=plan,
         security=security,
+        api=api,
         log_dir=log_dir,
     )
 
