@@ -154,6 +154,10 @@ def last_answer(driver) -> dict | None:
     )
 
 
+def figures(driver, *keys: str) -> list[str]:
+    return js(driver, "return arguments[0].map(k => document.querySelector(`[data-figure=${k}] dd`).textContent)", keys)
+
+
 def finished_answer(driver) -> dict:
     """The last answer once it stops changing (done, stopped or failed)."""
     return wait_until(
@@ -220,10 +224,11 @@ def test_chat_answer_streams_and_equals_the_api_answer(driver, cluster):
     lengths = [length for state, length in js(driver, "return window.seen") if state == "streaming"]
     assert any(0 < length < len(answer["raw"]) for length in lengths), "the page never showed a partial answer"
     assert f"{out['usage']['completion_tokens']} tokens" in answer["meta"]
-    # The figures follow: the coordinator has served requests and knows a TTFT.
+    # The figures follow the coordinator's: both requests served, none in flight, a TTFT known.
+    served = str(health(cluster)["coordinator"]["requests_total"])
     wait_until(
-        lambda: js(driver, "return document.querySelector('[data-figure=ttft] dd').textContent") != "–",
-        "the page to show a time to first token",
+        lambda: figures(driver, "requests_total", "in_flight") == [served, "0"] and figures(driver, "ttft") != ["–"],
+        f"the page to show {served} requests served, none in flight, and a time to first token",
     )
     screenshot(driver, "2-chat-answered")
 
@@ -235,6 +240,10 @@ def test_stop_button_cancels_the_request_on_the_server(driver, cluster):
     ask(driver, "Write a very long story.", "0", LONG_ANSWER)
     wait_until(lambda: len((last_answer(driver) or {}).get("raw", "")) > 0, "the answer to start", PAGE_TIMEOUT_S)
     assert health(cluster)["requests_in_flight"] == 1
+    wait_until(
+        lambda: figures(driver, "in_flight") == ["1"] and figures(driver, "tokens_now")[0] not in ("–", "0.0"),
+        "the live figures to show the answer being written",
+    )
     driver.find_element(By.ID, "stop").click()
     wait_until(lambda: health(cluster)["requests_in_flight"] == 0, "the coordinator to drop the request", 10)
     wait_until(
@@ -244,6 +253,7 @@ def test_stop_button_cancels_the_request_on_the_server(driver, cluster):
     assert answer["state"] == "stopped"
     assert len(answer["raw"]) > 0
     assert not js(driver, "return document.getElementById('send').disabled")
+    wait_until(lambda: figures(driver, "in_flight") == ["0"], "the page to show no request in flight")
     screenshot(driver, "3-chat-stopped")
 
 

@@ -5,10 +5,11 @@
 
 const POLL_MS = 1000;
 const CHART_POINTS = 180; // three minutes of polls
+const LIVE_RATE_S = 3; // "tokens/s now" spans this much of the recent past (the server's figures: 30 s)
 const KEY_STORAGE = "kimizmq.api_key"; // sessionStorage: the key lives as long as the tab
 
 const $ = (id) => document.getElementById(id);
-const page = { history: [], conversation: 0, controller: null, rates: [], model: null };
+const page = { history: [], conversation: 0, controller: null, rates: [], samples: [], model: null };
 
 // -- small helpers -----------------------------------------------------------------
 
@@ -152,12 +153,27 @@ function figure(key, label, value) {
   return d;
 }
 
-function drawFigures(h) {
+// Tokens generated per second over the last few seconds, from the counter's
+// value at each poll; null until two polls span a second.
+function liveRate(h) {
+  const now = performance.now() / 1000;
+  const count = (h.coordinator || {}).tokens_generated;
+  if (typeof count !== "number") return null;
+  const last = page.samples[page.samples.length - 1];
+  if (last && count < last[1]) page.samples = []; // a restarted coordinator counts from zero
+  page.samples.push([now, count]);
+  while (page.samples.length > 2 && now - page.samples[1][0] >= LIVE_RATE_S) page.samples.shift();
+  const [t0, c0] = page.samples[0];
+  return now - t0 >= 1 ? (count - c0) / (now - t0) : null;
+}
+
+function drawFigures(h, live) {
   const c = h.coordinator || {};
   const items = [
     figure("in_flight", "requests in flight", String(h.requests_in_flight ?? "–")),
     figure("queued", "requests queued", String(h.queue_depth ?? "–")),
-    figure("tokens_per_s", "tokens/s (all)", rate(c.tokens_per_s)),
+    figure("tokens_now", "tokens/s now", rate(live)),
+    figure("tokens_per_s", "tokens/s (last 30 s)", rate(c.tokens_per_s)),
     figure("ttft", "time to first token (mean)", seconds(c.time_to_first_token_mean_s)),
     figure("itl", "between tokens (mean)", seconds(c.inter_token_latency_mean_s)),
     figure("requests_total", "requests served", String(c.requests_total ?? "–")),
@@ -165,7 +181,7 @@ function drawFigures(h) {
   ];
   for (const s of h.stages || []) {
     const w = (h.workers || {})[s.worker] || {};
-    items.push(figure(`stage_${s.worker}`, `tokens/s ${s.worker} [${s.start}, ${s.end})`, rate(w.tokens_per_s)));
+    items.push(figure(`stage_${s.worker}`, `stage ${s.worker} tokens/s (30 s)`, rate(w.tokens_per_s)));
   }
   // A prefix cache reports its figures under names with "prefix" in them.
   for (const [k, v] of Object.entries({ ...h, ...c })) {
@@ -189,7 +205,7 @@ function drawChart() {
   const top = Math.max(1, ...page.rates.map((r) => r || 0));
   g.fillStyle = "#6b7385";
   g.font = "11px system-ui, sans-serif";
-  g.fillText(`tokens/s, last ${Math.round((CHART_POINTS * POLL_MS) / 60000)} min (max ${top.toFixed(1)})`, 6, 13);
+  g.fillText(`tokens/s generated, last ${Math.round((CHART_POINTS * POLL_MS) / 60000)} min (max ${top.toFixed(1)})`, 6, 13);
   g.strokeStyle = "#3867d6";
   g.lineWidth = 1.5;
   g.beginPath();
@@ -209,7 +225,8 @@ async function refresh() {
     $("model").textContent = h.model || "";
     setBadge($("cluster-state"), clusterState(h));
     drawPipeline(h);
-    drawFigures(h);
+    page.live = liveRate(h);
+    drawFigures(h, page.live);
     $("conn").textContent = `updated ${new Date().toLocaleTimeString()}`;
     return h;
   } catch (e) {
@@ -221,7 +238,7 @@ async function refresh() {
 
 async function poll() {
   const h = await refresh();
-  page.rates.push(h && h.coordinator ? h.coordinator.tokens_per_s : null);
+  page.rates.push(h ? page.live : null);
   if (page.rates.length > CHART_POINTS) page.rates.shift();
   drawChart();
   setTimeout(poll, POLL_MS);
