@@ -192,10 +192,19 @@ def test_page_asks_for_the_api_key_and_keeps_it_for_the_tab(driver, cluster):
 
 def test_page_draws_every_worker_with_its_layer_range(driver, cluster):
     with_key(driver, cluster)
+    driver.get_log("browser")  # what earlier pages said
+    driver.refresh()
     stages = health(cluster)["stages"]
     want = {s["worker"]: {"state": "ready", "layers": f"[{s['start']}, {s['end']})"} for s in stages}
     wait_until(lambda: worker_boxes(driver) == want, f"the page to show {want}", PAGE_TIMEOUT_S)
     assert badge(driver) == "ready"
+    # Each box weighs its worker's weights and KV cache, as /health reports them.
+    rows = health(cluster)["workers"]
+    weights = js(driver, "return [...document.querySelectorAll('[data-worker]')].map(b => b.innerText)")
+    for text, s in zip(weights, stages):
+        assert rows[s["worker"]]["weight_bytes"] > 0 and "weights –" not in text, text
+    # Nothing refused or failed: no script error, no blocked asset (the page's own CSP).
+    assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
     # Boxes follow the pipeline's order, after the coordinator's.
     order = js(driver, "return [...document.querySelectorAll('#pipeline .box')].map(b => b.dataset.worker || 'c')")
     assert order == ["c", *(s["worker"] for s in stages)]
@@ -255,6 +264,18 @@ def test_stop_button_cancels_the_request_on_the_server(driver, cluster):
     assert not js(driver, "return document.getElementById('send').disabled")
     wait_until(lambda: figures(driver, "in_flight") == ["0"], "the page to show no request in flight")
     screenshot(driver, "3-chat-stopped")
+
+
+def test_chat_settings_out_of_range_are_refused_naming_them(driver, cluster):
+    with_key(driver, cluster)
+    served = health(cluster)["coordinator"]["requests_total"]
+    ask(driver, "Hello", "3", 8)  # the page refuses it: the field's own bounds
+    last = wait_until(lambda: js(driver, "return [...document.querySelectorAll('.msg')].pop()?.innerText"), "a reply")
+    assert "temperature must be a number from 0 to 2" in last
+    ask(driver, "Hello", "0", 100_000)  # the server refuses it: past the context
+    answer = finished_answer(driver)
+    assert answer["state"] == "error" and "HTTP 400" in answer["meta"] and "max_tokens" in answer["meta"], answer
+    assert health(cluster)["coordinator"]["requests_total"] == served
 
 
 def test_page_renders_markdown_without_letting_markup_through(driver, cluster):
