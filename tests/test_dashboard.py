@@ -278,6 +278,34 @@ def test_chat_settings_out_of_range_are_refused_naming_them(driver, cluster):
     assert health(cluster)["coordinator"]["requests_total"] == served
 
 
+def test_worker_box_shows_loading_progress_and_recovery(driver, cluster):
+    """A /health worker row while its shard loads (on the tiny model that takes
+    less than a poll), drawn by the page: at start, and while the cluster is
+    degraded (a worker coming back)."""
+    with_key(driver, cluster)
+    row = {
+        "up": True,
+        "state": "loading",
+        "address": "tcp://10.0.0.2:52501",
+        "layers": [0, 44],
+        "progress": {"done_bytes": 96 << 30, "total_bytes": 384 << 30, "rate_bytes_s": 2.5e9},
+        "memory_bytes": 96 << 30,
+        "memory_total_bytes": 512 << 30,
+    }
+    drawn = js(
+        driver,
+        """return ['loading', 'degraded'].map(c => {
+             const b = workerBox('m3-ultra', arguments[0], c);
+             return {state: b.dataset.state, text: b.innerText, bars: b.querySelectorAll('.bar').length};
+           });""",
+        row,
+    )
+    assert [d["state"] for d in drawn] == ["loading", "recovering"]
+    for d in drawn:
+        assert "loaded 25% of 384 GiB at 2500 MB/s" in d["text"] and "layers [0, 44)" in d["text"], d
+        assert d["bars"] == 2  # memory, and the load's progress
+
+
 def test_page_renders_markdown_without_letting_markup_through(driver, cluster):
     with_key(driver, cluster)
     html = js(

@@ -56,6 +56,7 @@ function row(label, value) {
 // A worker as the page shows it: "recovering" is a worker coming back (up
 // again, loading its shard) while the cluster is degraded.
 function workerState(w, cluster) {
+  if (!w.up && w.state === "unknown") return "unknown"; // never answered yet (the coordinator is starting)
   if (!w.up || w.state === "down") return "down";
   if (cluster === "degraded" && (w.state === "loading" || w.state === "idle")) return "recovering";
   return w.state || "unknown";
