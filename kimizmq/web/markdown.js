@@ -80,5 +80,4 @@
   }
 
   window.renderMarkdown = render;
-  window.escapeHtml = escapeHtml;
 })();
