@@ -18,7 +18,6 @@ CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
     ".css": "text/css; charset=utf-8",
-    ".png": "image/png",
 }
 # Only the coordinator's own scripts, style and endpoints: no inline script,
 # nothing fetched from another origin.
