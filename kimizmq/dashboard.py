@@ -9,10 +9,11 @@ from, and chats through POST /v1/chat/completions like any other client.
 
 from __future__ import annotations
 
-from importlib import resources
+from pathlib import Path
 
 from aiohttp import web
 
+WEB_DIR = Path(__file__).resolve().parent / "web"  # package data: installed beside this module
 ASSETS_URL = "/dashboard/"
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -45,8 +46,7 @@ def add_routes(app: web.Application, enabled: bool) -> None:
         app.router.add_get("/", off)
         return
 
-    folder = resources.files("kimizmq") / "web"
-    files = {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}  # read once, at start
+    files = {f.name: f.read_bytes() for f in WEB_DIR.iterdir() if f.is_file()}  # read once, at start
 
     def respond(name: str) -> web.Response:
         return web.Response(body=files[name], headers={"Content-Type": _content_type(name), **SECURITY_HEADERS})

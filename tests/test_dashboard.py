@@ -2,7 +2,8 @@
 by Selenium) against a real cluster with an API key: the page asks for the key,
 draws every worker with its layer range, streams a chat answer equal to the
 API's own, stops an answer on the server, and shows a killed worker down and
-then back. Each state's screenshot is saved under var/screenshots/dashboard/."""
+then back; `kimi demo --keep` leaves a cluster whose page works. Each state's
+screenshot is saved under var/screenshots/dashboard/."""
 
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def driver():
         )
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
+    # --no-sandbox: CI runs as root, where Chromium's sandbox will not start.
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900"):
         opts.add_argument(arg)
     d = webdriver.Chrome(options=opts, service=Service(executable_path=chromedriver))
