@@ -295,9 +295,9 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     clean_tools = chat_tools(chat)
     how, callable_tools = tool_choice({k: v for k, v in chat.items() if v is not None}, clean_tools)
     if how == "required":
-        opts["params"]["grammar"] = _checked_grammar(
-            engine, tool_call_grammar(callable_tools, parallel=parallel), "tool_choice"
-        )
+        named = isinstance(choice, dict)  # one call of that tool
+        forced = tool_call_grammar(callable_tools, parallel=parallel and not named)
+        opts["params"]["grammar"] = _checked_grammar(engine, forced, "tool_choice")
     prompt = chat_prompt(engine, chat_messages(chat), clean_tools, how, opts["params"])
     (req,) = _choices(engine, prompt, opts, 1)
     output = ChatOutput(engine, bool(clean_tools) and how != "none", parallel, logprobs=False)

@@ -705,9 +705,9 @@ def _chat_setup(engine: Engine, body: dict) -> tuple[list[Request], list[ChatOut
             raise ApiError(
                 400, "response_format cannot be combined with a required or named tool_choice", "tool_choice"
             )
-        constraint = _checked_grammar(
-            engine, grammar.tool_call_grammar(callable_tools, parallel=parallel), "tool_choice"
-        )
+        named = isinstance(body.get("tool_choice"), dict)  # one call of that function, as OpenAI makes it
+        forced = grammar.tool_call_grammar(callable_tools, parallel=parallel and not named)
+        constraint = _checked_grammar(engine, forced, "tool_choice")
     if constraint is not None:
         if opts["ignore_eos"]:
             raise ApiError(400, "ignore_eos cannot be combined with a constrained output", "ignore_eos")

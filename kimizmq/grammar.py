@@ -25,6 +25,8 @@ from .tokenizer import TiktokenTokenizer, Tokenizer, load_tokenizer
 from .toolcalls import ARGUMENT_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTION_END
 
 MAX_GRAMMAR_BYTES = 32 * 1024  # the forward header that carries it is at most 64 KiB
+MAX_PARALLEL_CALLS = 8  # calls in one forced section
+COMPACT = {"whitespace_flexible": False}  # JSON without free whitespace: random weights would write only that
 
 
 class GrammarError(ValueError):
@@ -51,7 +53,7 @@ def _model_lltokenizer(model_dir: Path) -> LLTokenizer:
 def json_schema_grammar(schema: dict) -> str:
     """A grammar for one JSON value valid against `schema`, compact."""
     try:
-        return LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+        return LLMatcher.grammar_from_json_schema(schema, defaults=COMPACT)
     except ValueError as e:
         raise GrammarError(f"not a usable JSON schema: {e}") from None
 
@@ -66,13 +68,13 @@ def tool_call_grammar(tools: list[dict], *, parallel: bool) -> str:
     rules, names = [], []
     for i, tool in enumerate(tools):
         fn = tool["function"]
-        schema = fn.get("parameters") or {"type": "object"}
+        schema = {**(fn.get("parameters") or {"type": "object"}), "x-guidance": COMPACT}
         names.append(f"call{i}")
         rules.append(
             f"call{i}: {CALL_BEGIN} {_lark_string('functions.' + fn['name'] + ':')} /[0-9]{{1,3}}/ "
             f"{ARGUMENT_BEGIN} %json {json.dumps(schema)} {CALL_END}"
         )
-    calls = "call+" if parallel else "call"
+    calls = f"call{{1,{MAX_PARALLEL_CALLS}}}" if parallel else "call"
     lark = "\n".join(
         [f"start: {SECTION_BEGIN} {calls} {SECTION_END}", f"call: {' | '.join(names)}", *rules],
     )

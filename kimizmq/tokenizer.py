@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import jinja2
 import jinja2.ext
 import tiktoken
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import SandboxedEnvironment
 from tiktoken.load import load_tiktoken_bpe
 
 # From Moonshot's tokenization_kimi.py (TikTokenTokenizer).
@@ -327,8 +327,10 @@ def strftime_now(format: str) -> str:
 
 
 def compile_chat_template(source: str) -> jinja2.Template:
-    """A chat template in the sandboxed environment transformers uses."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    """A chat template in Jinja's sandbox. Not the immutable one transformers
+    uses: Kimi-K2's template appends tool-call ids to a list of its own (only
+    template-local data and copies of the request are mutable)."""
+    env = SandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
