@@ -261,11 +261,10 @@ def chat_messages(body: dict) -> list[dict]:
             raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
         out: dict[str, Any] = {"role": "system" if role == "developer" else role}
         calls = m.get("tool_calls") if role == "assistant" else None
-        out["content"] = _text(m.get("content"), f"messages[{i}].content", optional=role == "assistant")
+        # null (an assistant turn of tool calls alone) renders as "": every Kimi template takes that
+        out["content"] = _text(m.get("content"), f"messages[{i}].content", optional=role == "assistant") or ""
         if calls is not None:
             out["tool_calls"] = _tool_calls(calls, f"messages[{i}].tool_calls")
-        elif out["content"] is None:
-            out["content"] = ""
         if role == "tool":
             if not isinstance(m.get("tool_call_id"), str):
                 raise ApiError(400, f"messages[{i}].tool_call_id must be a string", f"messages[{i}].tool_call_id")
