@@ -80,12 +80,12 @@ def make_processors(params: dict, vocab: int, model_dir: Path | None) -> list[Lo
         recent = mx.array(_ids(params, "recent", vocab, REPETITION_CONTEXT), dtype=mx.int32)
         processors.append(lambda tokens, logits: penalty(mx.concatenate([recent, tokens]), logits))
     if "grammar" in params:
-        from .grammar import GrammarConstraint, GrammarError
+        from .grammar import GrammarConstraint
 
         if model_dir is None:
             raise ParamsError("this stage was loaded without a model directory: it cannot read a grammar")
         try:
             processors.append(GrammarConstraint(params["grammar"], vocab, model_dir))
-        except GrammarError as e:
+        except ValueError as e:  # a grammar that does not compile, a tokenizer that does not load
             raise ParamsError(f"grammar: {e}") from None
     return processors

@@ -440,6 +440,58 @@ def test_penalties_stop_the_greedy_repeats(client, param):
     assert penalised != free
 
 
+def test_penalties_and_bias_sample_what_mlx_lm_processors_give(client, tiny_model):
+    """The oracle: single-process mlx-lm, its processors built by
+    make_logits_processors as the last stage builds them (presence and
+    frequency over the generated tokens, repetition over the last 20 of prompt
+    and generated), greedy; the same tokens and the model's own logprobs."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.sample_utils import make_logits_processors
+    from mlx_lm.utils import load_model
+
+    prompt, n = [5, 17, 99, 230, 41, 7, 300, 12, 64, 8, 150, 77], 24
+    bias = {"40": 3.0, "41": -5.0}
+    model, _ = load_model(tiny_model)
+    model.set_dtype(mx.float32)
+    generated_only = make_logits_processors(
+        logit_bias={int(k): v for k, v in bias.items()},
+        presence_penalty=0.7,
+        presence_context_size=1 << 20,
+        frequency_penalty=0.4,
+        frequency_context_size=1 << 20,
+    )
+    repetition = make_logits_processors(repetition_penalty=1.3, repetition_context_size=20)
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([prompt]), cache=cache)[:, -1, :]
+    tokens, logprobs = [], []
+    for _ in range(n):
+        raw = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        for p in generated_only:
+            logits = p(mx.array(tokens, dtype=mx.int32), logits)
+        for p in repetition:
+            logits = p(mx.array(prompt + tokens, dtype=mx.int32), logits)
+        tok = int(mx.argmax(logits, axis=-1).item())
+        tokens.append(tok)
+        logprobs.append(float(raw[0, tok].item()))
+        logits = model(mx.array([[tok]]), cache=cache)[:, -1, :]
+
+    r = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=n,
+        temperature=0,
+        logprobs=0,
+        logit_bias=bias,
+        presence_penalty=0.7,
+        frequency_penalty=0.4,
+        extra_body={"repetition_penalty": 1.3, "ignore_eos": True},
+    )
+    lp = r.choices[0].logprobs
+    assert lp.model_extra["token_ids"] == tokens
+    assert lp.token_logprobs == pytest.approx(logprobs, rel=1e-4, abs=1e-6)
+
+
 def test_top_k_minus_one_is_off_and_min_p_is_honoured(client):
     kw = dict(model=MODEL, messages=HELLO, max_tokens=8, temperature=1.5, seed=11)
     free = client.chat.completions.create(**kw).choices[0].message.content
