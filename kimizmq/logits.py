@@ -45,6 +45,11 @@ def _ids(params: dict, name: str, vocab: int, limit: int) -> list[int]:
     return ids
 
 
+def replayed_tokens(params: dict, vocab: int, max_context: int) -> list[int]:
+    """The tokens a replayed request had sampled before (`sampled`): its processors start from them."""
+    return list(_ids(params, "sampled", vocab, max_context))
+
+
 def make_processors(params: dict, vocab: int, model_dir: Path | None) -> list[LogitsProcessor]:
     """The request's processors, in the order they run: bias, bans,
     penalties, grammar. Each is called with the tokens sampled so far."""

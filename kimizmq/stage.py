@@ -16,7 +16,7 @@ import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from .logits import LogitsProcessor, ParamsError, make_processors
+from .logits import LogitsProcessor, ParamsError, make_processors, replayed_tokens
 from .shard import Shard
 
 MAX_TOP_LOGPROBS = 20
@@ -224,7 +224,9 @@ class Stage:
             state = RequestState(self.shard.make_cache(), SamplingParams.from_dict(step.params))
             if self.shard.last:
                 try:
-                    state.processors = make_processors(step.params, self.shard.config["vocab_size"], self.model_dir)
+                    vocab = self.shard.config["vocab_size"]
+                    state.processors = make_processors(step.params, vocab, self.model_dir)
+                    state.sampled = replayed_tokens(step.params, vocab, self.max_context)
                 except ParamsError as e:
                     raise StageError(str(e)) from None
             self.requests[step.req] = state
