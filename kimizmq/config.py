@@ -108,6 +108,8 @@ class SecurityConfig:
 @dataclass(frozen=True)
 class ApiConfig:
     dashboard: bool = True  # GET / serves the page of the cluster and a chat
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; "*" any
+    keepalive_s: float = 15.0  # an SSE comment this often while a stream waits (long prefills)
 
 
 @dataclass(frozen=True)
@@ -311,7 +313,18 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         curve_dir=_resolve(base, curve_dir) if curve_dir else None,
         api_key=_typed(sec, "api_key", str, f"{src} [security]"),
     )
-    api = _dataclass_section(ApiConfig, data.get("api", {}), f"{src} [api]")
+    api_section = data.get("api", {})
+    if not isinstance(api_section, dict):
+        raise ConfigError(f"{src}: [api] must be a table")
+    origins = api_section.get("cors_origins", [])
+    if not isinstance(origins, list) or not all(isinstance(o, str) and o for o in origins):
+        raise ConfigError(f'{src} [api]: cors_origins must be a list of origins such as "https://app.example"')
+    keepalive = _typed(api_section, "keepalive_s", float, f"{src} [api]", ApiConfig.keepalive_s)
+    _check_range(f"{src} [api]", "keepalive_s", keepalive, ((0,), None))
+    if unknown := set(api_section) - set(ApiConfig.__dataclass_fields__):
+        raise ConfigError(f"{src} [api]: unknown keys {sorted(unknown)}")
+    dashboard = _typed(api_section, "dashboard", bool, f"{src} [api]", ApiConfig.dashboard)
+    api = ApiConfig(dashboard=dashboard, cors_origins=tuple(origins), keepalive_s=keepalive)
     log_dir = _resolve(base, data.get("logging", {}).get("dir", "../var/log"))
     return Config(
         path=path,

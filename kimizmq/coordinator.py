@@ -35,6 +35,8 @@ from .tokenizer import Tokenizer, load_tokenizer
 HEALTH_POLL_S = 0.2
 LOAD_CALL_TIMEOUT_S = 10.0
 PUSH_HWM = 256
+# sampling parameters whose processors on the last stage depend on the tokens sampled so far
+PROCESSOR_PARAMS = frozenset({"grammar", "presence_penalty", "frequency_penalty", "repetition_penalty"})
 
 logger = log.get_logger()
 
@@ -293,6 +295,8 @@ class Engine:
             self.requests[req.wire_id] = req
             log.bind_request(req.id)
             logger.info("request_replayed", tokens=len(req.tokens), wire_id=req.wire_id)
+            if req.tokens and PROCESSOR_PARAMS & req.params.keys():
+                req.params["sampled"] = list(req.tokens)  # the last stage's processors resume where they were
             await self._send_prompt(req, req.prompt + req.tokens)
         log.bind_request(None)
 

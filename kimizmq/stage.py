@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
+from .logits import LogitsProcessor, ParamsError, make_processors, replayed_tokens
 from .shard import Shard
 
 MAX_TOP_LOGPROBS = 20
@@ -64,6 +66,8 @@ class RequestState:
     params: SamplingParams
     offset: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    processors: list[LogitsProcessor] = field(default_factory=list)  # last stage: bias, penalties, grammar
+    sampled: list[int] = field(default_factory=list)  # last stage, with processors: the tokens so far
 
 
 @dataclass
@@ -82,13 +86,22 @@ def _step_key(seed: int, position: int) -> mx.array:
     return mx.random.key(((seed & _MASK64) ^ (position * 0x9E3779B97F4A7C15)) & _MASK64)
 
 
-def _sample_lazy(logits: mx.array, params: SamplingParams, position: int) -> list[mx.array]:
-    """[token, its logprob, (top ids, top logprobs)] for one (1, V) row, not yet evaluated."""
+def _sample_lazy(logits: mx.array, state: RequestState, position: int) -> list[mx.array]:
+    """[token, its logprob, (top ids, top logprobs)] for one (1, V) row, not yet
+    evaluated. The request's processors shape what is sampled; the logprobs
+    returned are the model's own."""
+    params = state.params
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    scores = logprobs
+    if state.processors:
+        sampled = mx.array(state.sampled, dtype=mx.int32)
+        for processor in state.processors:
+            logits = processor(sampled, logits)
+        scores = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     if params.temperature == 0:
-        token = mx.argmax(logprobs, axis=-1)
+        token = mx.argmax(scores, axis=-1)
     else:
-        filtered = logprobs
+        filtered = scores
         if params.top_p < 1:
             filtered = apply_top_p(filtered, params.top_p)
         if params.min_p > 0:
@@ -103,18 +116,20 @@ def _sample_lazy(logits: mx.array, params: SamplingParams, position: int) -> lis
     return outputs
 
 
-def _sampled(outputs: list[mx.array]) -> ForwardResult:
+def _sampled(outputs: list[mx.array], state: RequestState) -> ForwardResult:
     result = ForwardResult(token=int(outputs[0].item()), logprob=float(outputs[1].item()))
+    if state.processors:
+        state.sampled.append(result.token)
     if len(outputs) > 2:
         pairs = sorted(zip(outputs[2][0].tolist(), outputs[3][0].tolist()), key=lambda p: -p[1])
         result.top_logprobs = [[int(i), float(v)] for i, v in pairs]
     return result
 
 
-def sample(logits: mx.array, params: SamplingParams, position: int) -> ForwardResult:
-    outputs = _sample_lazy(logits, params, position)
+def sample(logits: mx.array, state: RequestState, position: int) -> ForwardResult:
+    outputs = _sample_lazy(logits, state, position)
     mx.eval(*outputs)
-    return _sampled(outputs)
+    return _sampled(outputs, state)
 
 
 @dataclass
@@ -152,8 +167,17 @@ def _unbatch(caches: list, states: list[RequestState | None]) -> None:
 class Stage:
     """A shard plus the per-request KV caches it holds."""
 
-    def __init__(self, shard: Shard, *, max_requests: int, max_context: int, compiled_decode: bool = False):
+    def __init__(
+        self,
+        shard: Shard,
+        *,
+        max_requests: int,
+        max_context: int,
+        compiled_decode: bool = False,
+        model_dir: Path | None = None,  # where a grammar's tokenizer is read from
+    ):
         self.shard = shard
+        self.model_dir = model_dir
         # one-token steps (lone or batched) through Shard.decode, where the model allows it
         self.compiled_decode = compiled_decode and shard.can_compile_decode
         self.max_requests = max_requests
@@ -198,6 +222,13 @@ class Stage:
             if len(self.requests) >= self.max_requests:
                 raise StageError(f"stage is full: {self.max_requests} requests in flight")
             state = RequestState(self.shard.make_cache(), SamplingParams.from_dict(step.params))
+            if self.shard.last:
+                try:
+                    vocab = self.shard.config["vocab_size"]
+                    state.processors = make_processors(step.params, vocab, self.model_dir)
+                    state.sampled = replayed_tokens(step.params, vocab, self.max_context)
+                except ParamsError as e:
+                    raise StageError(str(e)) from None
             self.requests[step.req] = state
         elif step.offset != state.offset:
             raise StageError(f"request {step.req}: chunk at offset {step.offset}, expected {state.offset}")
@@ -231,7 +262,7 @@ class Stage:
             out = self.shard(step.x, state.cache, head=step.sample)
         built = time.perf_counter()
         if self.shard.last and step.sample:
-            result = sample(out[:, -1, :], state.params, step.offset + length)
+            result = sample(out[:, -1, :], state, step.offset + length)
         else:
             mx.eval(out)  # also settles this chunk's cache updates
             result = ForwardResult(activations=None if self.shard.last else out)
@@ -296,11 +327,11 @@ class Stage:
         built = time.perf_counter()
         if self.shard.last:
             lazy = [
-                _sample_lazy(out[b : b + 1, -1, :], st.params, step.offset + length)
+                _sample_lazy(out[b : b + 1, -1, :], st, step.offset + length)
                 for b, (step, st) in enumerate(zip(rows, row_states))
             ]
             mx.eval(lazy)
-            by_row = [_sampled(o) for o in lazy]
+            by_row = [_sampled(o, st) for o, st in zip(lazy, row_states)]
         else:
             mx.eval(out)
             by_row = [ForwardResult(activations=out[b : b + 1]) for b in range(len(rows))]

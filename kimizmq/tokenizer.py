@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import jinja2
 import jinja2.ext
 import tiktoken
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import SandboxedEnvironment
 from tiktoken.load import load_tiktoken_bpe
 
 # From Moonshot's tokenization_kimi.py (TikTokenTokenizer).
@@ -43,6 +43,33 @@ CHAT_END_TOKEN = "<|im_end|>"
 
 class TokenizerError(ValueError):
     """A tokenizer file is missing or unreadable."""
+
+
+class RenderError(ValueError):
+    """Messages the chat template cannot render safely; the client's to fix."""
+
+
+# Around every request string in a rendered chat: encoded as plain text, never
+# as special tokens. Noncharacters, which no client has reason to send.
+PLAIN_OPEN, PLAIN_CLOSE = "\ufdd0", "\ufdd1"
+UNFENCED_KEYS = frozenset({"role", "type"})
+UNFENCED_VALUE = re.compile(r"[a-z_]{1,32}")  # no special token is spelled so
+
+
+def _fence(value: Any, key: str | None = None) -> Any:
+    """`value` with every string between the markers, but `role` and `type`
+    values that are plain lowercase words (templates compare them)."""
+    if isinstance(value, str):
+        if PLAIN_OPEN in value or PLAIN_CLOSE in value:
+            raise RenderError("request strings must not contain the noncharacters U+FDD0 or U+FDD1")
+        if not value or (key in UNFENCED_KEYS and UNFENCED_VALUE.fullmatch(value)):
+            return value
+        return f"{PLAIN_OPEN}{value}{PLAIN_CLOSE}"
+    if isinstance(value, dict):
+        return {k: _fence(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fence(v) for v in value]
+    return value
 
 
 class StreamingDetokenizer(Protocol):
@@ -100,6 +127,7 @@ class Tokenizer(ABC):
     def __init__(self, model_dir: Path, config: dict, chat_template: str | None):
         self.model_dir = model_dir
         self._config = config
+        self.chat_template_source = chat_template
         self._chat_template = None
         if chat_template is not None:
             try:
@@ -134,34 +162,51 @@ class Tokenizer(ABC):
     def special_tokens_map(self) -> dict[str, str]:
         """bos_token, eos_token, ... as strings, for chat templates."""
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **template_kwargs: Any,
+    ) -> list[int]:
         """Render the model's own chat template and encode it.
 
         Special tokens the template writes are recognised, as transformers does;
-        special-token text inside a message's content is encoded as plain text,
-        so a user cannot close their turn and forge another role's. (Each
-        content is rendered as a placeholder, and the rendered text is encoded
-        piece by piece.)"""
+        every string that came with the request (contents, names, tool
+        definitions, call arguments) is encoded as plain text, so no field can
+        close its turn and forge another role's. Each such string is rendered
+        between two Unicode noncharacters, and the rendered text is encoded
+        piece by piece."""
         if self._chat_template is None:
             raise TokenizerError(
                 f"{self.model_dir} has no chat template (looked for "
                 "chat_template.jinja and tokenizer_config.json's chat_template)"
             )
-        contents = [m.get("content") if isinstance(m.get("content"), str) else None for m in messages]
-        marks = [f"\x00{i}\x00" for i in range(len(messages))]
-        shown = [{**m, "content": mark} if c is not None else m for m, c, mark in zip(messages, contents, marks)]
-        text = self._chat_template.render(
-            messages=shown,
-            add_generation_prompt=add_generation_prompt,
-            **self.special_tokens_map(),
-        )
+        extra = {"tools": _fence(tools)} if tools else {}
+        try:
+            text = self._chat_template.render(
+                messages=_fence(messages),
+                add_generation_prompt=add_generation_prompt,
+                **extra,
+                **template_kwargs,
+                **self.special_tokens_map(),
+            )
+        except jinja2.TemplateError as e:
+            raise RenderError(f"the chat template refused the messages: {e}") from e
+        pieces = re.split(f"([{PLAIN_OPEN}{PLAIN_CLOSE}])", text)
         ids: list[int] = []
-        for i, piece in enumerate(re.split("\x00(\\d+)\x00", text)):
-            if i % 2 == 0:
-                ids += self.encode(piece, allow_special=True) if piece else []
-            else:
-                content = contents[int(piece)]
-                ids += self.encode(content) if content else []
+        depth = 0
+        for piece in pieces:
+            if piece == PLAIN_OPEN:
+                depth += 1
+            elif piece == PLAIN_CLOSE:
+                depth -= 1
+                if depth < 0:
+                    raise RenderError("the chat template cut a request string apart")
+            elif piece:
+                ids += self.encode(piece, allow_special=depth == 0)
+        if depth != 0:
+            raise RenderError("the chat template cut a request string apart")
         return ids
 
     def _eos_ids(self, token_to_id: dict[str, int], eos_token: str | None) -> set[int]:
@@ -282,8 +327,10 @@ def strftime_now(format: str) -> str:
 
 
 def compile_chat_template(source: str) -> jinja2.Template:
-    """A chat template in the sandboxed environment transformers uses."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    """A chat template in Jinja's sandbox. Not the immutable one transformers
+    uses: Kimi-K2's template appends tool-call ids to a list of its own (only
+    template-local data and copies of the request are mutable)."""
+    env = SandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now

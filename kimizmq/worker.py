@@ -478,6 +478,7 @@ class Worker:
                 max_requests=spec.max_requests,
                 max_context=spec.max_context,
                 compiled_decode=compiled_decode(self.cfg.runtime.decode),
+                model_dir=model_dir,
             )
             self.state = "ready"
             logger.info(

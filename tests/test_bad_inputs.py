@@ -102,7 +102,7 @@ BAD_FIELDS = [
     ("/v1/completions", {**COMPLETION, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("/v1/completions", {**COMPLETION, "stop": [""]}, "stop"),
     ("/v1/completions", {**COMPLETION, "stop": 7}, "stop"),
-    ("/v1/completions", {**COMPLETION, "n": 2}, "n"),
+    ("/v1/completions", {**COMPLETION, "n": 9}, "n"),
     ("/v1/completions", {**COMPLETION, "model": 5}, "model"),
     ("/v1/completions", {**COMPLETION, "prompt": 42}, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": None}, "prompt"),

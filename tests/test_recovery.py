@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -106,6 +107,66 @@ def test_sigstop_sigcont_worker_mid_stream_completes_identically(cluster, undist
     assert ids == undisturbed
     assert noticed["s"] <= 5.5
     assert len(log_events(cluster, "coordinator", "request_replayed")) == replays + 1
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "tags": {"type": "array", "items": {"type": "string", "enum": ["red", "green", "blue"]}, "maxItems": 6},
+    },
+    "required": ["name", "tags"],
+    "additionalProperties": False,
+}
+
+
+def constrained_stream(base: str, on_chunk=None) -> tuple[str, str | None]:
+    """A streamed chat answer constrained to PERSON (seeded, sampled), and its finish reason."""
+    body = {
+        "messages": [{"role": "user", "content": "Invent a person."}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
+        "presence_penalty": 0.5,
+        "max_tokens": 400,
+        "temperature": 1.0,
+        "seed": 9,
+    }
+    req = urllib.request.Request(
+        base + "/v1/chat/completions",
+        data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    text, finish, chunks = "", None, 0
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: {"):
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            text += choice["delta"].get("content") or ""
+            finish = choice["finish_reason"] or finish
+            if on_chunk is not None and choice["delta"].get("content"):
+                on_chunk(chunks)
+                chunks += 1
+    return text, finish
+
+
+def test_a_constrained_request_replayed_after_a_kill_9_resumes_its_grammar_and_penalties(cluster):
+    undisturbed, finish = constrained_stream(cluster.api)
+    assert finish == "stop" and set(json.loads(undisturbed)) == {"name", "tags"}
+    victim = cluster.workers["w1"]  # the last stage: the grammar's and the penalties' state
+    replays = len(log_events(cluster, "coordinator", "request_replayed"))
+
+    def on_chunk(i):
+        if i == 3:
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait()
+            wait_until(lambda: health_status(cluster) == "degraded", "the coordinator to notice", timeout=6)
+            cluster.start_worker("w1")
+
+    text, finish = constrained_stream(cluster.api, on_chunk=on_chunk)
+    assert len(log_events(cluster, "coordinator", "request_replayed")) == replays + 1
+    assert finish == "stop" and text == undisturbed  # same seed, same state after the replay: the same answer
+    wait_until(lambda: health_status(cluster) == "ready", "ready again", timeout=30)
 
 
 def _loads(cluster: LocalCluster) -> dict[str, int]:
