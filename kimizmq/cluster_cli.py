@@ -90,9 +90,9 @@ def sync_command(config_path, source, revision, dry_run):
         return
     try:
         if hub:
-            sync.sync_hub(dests, source, revision, click.echo)
+            sync.sync_hub(dests, source, revision, ck.made, click.echo)
         else:
-            sync.sync_local(dests, Path(source).expanduser(), ck.sizes, click.echo, progress=sys.stdout.isatty())
+            sync.sync_local(dests, Path(source).expanduser(), ck, click.echo, progress=sys.stdout.isatty())
     except RemoteError as e:
         raise click.ClickException(str(e)) from None
     click.echo("in sync.")

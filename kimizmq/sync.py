@@ -13,6 +13,8 @@ each machine downloads only its files with huggingface_hub's allow_patterns.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import posixpath
 import re
@@ -20,15 +22,19 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 
 from .checkpoint import (
     EMBED_PREFIX,
     HEAD_PREFIXES,
+    HEADERS_FILE,
     LM_HEAD_PREFIX,
     CheckpointError,
     LayerSizes,
+    TensorInfo,
+    headers_json,
     layer_of,
     layer_sizes,
     read_config,
@@ -54,6 +60,7 @@ class Checkpoint:
     weights_of: Callable[[int, int, bool, bool], set[str]]  # stage -> its weight files
     layer_sizes: LayerSizes
     model_config: dict
+    made: dict[str, bytes] = field(default_factory=dict)  # files written here, not copied (HEADERS_FILE)
 
 
 @dataclass
@@ -80,7 +87,9 @@ def local_checkpoint(source: Path) -> Checkpoint:
         return {index[n].file.name for n in stage_tensor_names(index, start, end, first=first, last=last)}
 
     sizes = {p.name: p.stat().st_size for p in sorted(source.iterdir()) if p.is_file()}
-    return Checkpoint(sizes, weights_of, layer_sizes(source), read_config(source))
+    made = {HEADERS_FILE: headers_json(index)}
+    sizes.update({name: len(data) for name, data in made.items()})
+    return Checkpoint(sizes, weights_of, layer_sizes(source), read_config(source), made)
 
 
 def _sizes_from(tensors: dict[str, int], num_layers: int) -> LayerSizes:
@@ -103,8 +112,6 @@ def _sizes_from(tensors: dict[str, int], num_layers: int) -> LayerSizes:
 def hub_checkpoint(repo_id: str, revision: str | None) -> Checkpoint:
     """A checkpoint on the Hugging Face hub, from its file list and safetensors
     headers (ranged reads): no weight is fetched."""
-    import json
-
     try:
         from huggingface_hub import HfApi, hf_hub_download
     except ImportError:
@@ -118,20 +125,26 @@ def hub_checkpoint(repo_id: str, revision: str | None) -> Checkpoint:
     dtype_bytes = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "F64": 8, "I64": 8}
     where: dict[str, str] = {}
     nbytes: dict[str, int] = {}
+    dtypes: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for file, fm in meta.files_metadata.items():
         for name, t in fm.tensors.items():
             where[name] = file
+            dtypes[name], shapes[name] = t.dtype, tuple(t.shape)
             n = 1
             for d in t.shape:
                 n *= d
             nbytes[name] = n * dtype_bytes.get(t.dtype, 4)
     model_config = json.loads(Path(hf_hub_download(repo_id, "config.json", revision=revision)).read_text())
-    index = {name: (where[name], nbytes[name]) for name in where}
+    index = {name: TensorInfo(Path(where[name]), dtypes[name], shapes[name], nbytes[name]) for name in where}
 
     def weights_of(start: int, end: int, first: bool, last: bool) -> set[str]:
-        return {index[n][0] for n in stage_tensor_names(index, start, end, first=first, last=last)}
+        return {index[n].file.name for n in stage_tensor_names(index, start, end, first=first, last=last)}
 
-    return Checkpoint(sizes, weights_of, _sizes_from(nbytes, model_config["num_hidden_layers"]), model_config)
+    made = {HEADERS_FILE: headers_json(index)}
+    sizes.update({name: len(data) for name, data in made.items()})
+    layers = _sizes_from(nbytes, model_config["num_hidden_layers"])
+    return Checkpoint(sizes, weights_of, layers, model_config, made)
 
 
 # -- the plan of files ------------------------------------------------------------
@@ -198,7 +211,7 @@ def remote_sizes(dest: Destination, names: list[str]) -> dict[str, tuple[int, in
 
 
 def copy_file(
-    dest: Destination, source: Path, name: str, size: int, offset: int, advance: Callable[[int], None]
+    dest: Destination, source: BinaryIO, name: str, size: int, offset: int, advance: Callable[[int], None]
 ) -> None:
     """Stream `source` from `offset` into `name.partial` there; rename it once its size is `size`."""
     part = shlex.quote(name + PARTIAL)
@@ -208,11 +221,10 @@ def copy_file(
     )
     proc = dest.machine.popen(script)
     try:
-        with open(source, "rb") as f:
-            f.seek(offset)
-            while chunk := f.read(CHUNK_BYTES):
-                proc.stdin.write(chunk)
-                advance(len(chunk))
+        source.seek(offset)
+        while chunk := source.read(CHUNK_BYTES):
+            proc.stdin.write(chunk)
+            advance(len(chunk))
         proc.stdin.close()
     except BrokenPipeError:
         pass
@@ -224,9 +236,10 @@ def copy_file(
 
 
 def sync_local(
-    dests: list[Destination], source: Path, sizes: dict[str, int], echo: Callable[[str], None], progress: bool = True
+    dests: list[Destination], source: Path, ck: Checkpoint, echo: Callable[[str], None], progress: bool = True
 ) -> dict[str, int]:
     """Copy what each destination lacks; bytes copied per destination."""
+    sizes = ck.sizes
     copied = {}
     for dest in dests:
         names = sorted(dest.files)
@@ -250,7 +263,8 @@ def sync_local(
         )
         with click.progressbar(length=total, label=dest.machine.label, hidden=not progress) as bar:
             for n, off in todo:
-                copy_file(dest, source / n, n, sizes[n], off, bar.update)
+                with io.BytesIO(ck.made[n]) if n in ck.made else open(source / n, "rb") as f:
+                    copy_file(dest, f, n, sizes[n], off, bar.update)
         verify(dest, names, sizes)
         copied[dest.label] = total
     return copied
@@ -262,23 +276,26 @@ def verify(dest: Destination, names: list[str], sizes: dict[str, int]) -> None:
         raise RemoteError(f"{dest.label}: sizes differ after the copy: {', '.join(wrong)}")
 
 
-def sync_hub(dests: list[Destination], repo_id: str, revision: str | None, echo: Callable[[str], None]) -> None:
+def sync_hub(
+    dests: list[Destination], repo_id: str, revision: str | None, made: dict[str, bytes], echo: Callable[[str], None]
+) -> None:
     """Each machine downloads its own files from the hub (huggingface_hub there)."""
     for dest in dests:
-        patterns = sorted(dest.files)
+        patterns = sorted(dest.files - set(made))
         code = (
             "import sys, json; from huggingface_hub import snapshot_download; "
             "snapshot_download(sys.argv[1], revision=sys.argv[2] or None, "
             "allow_patterns=json.loads(sys.argv[3]), local_dir=sys.argv[4])"
         )
-        import json
-
         script = (
             f"python3 -c {shlex.quote(code)} {shlex.quote(repo_id)} {shlex.quote(revision or '')} "
             f"{shlex.quote(json.dumps(patterns))} {sh_path(dest.model_dir)}"
         )
         echo(f"{dest.label}: downloading {len(patterns)} files of {repo_id} for {', '.join(dest.daemons)}")
         dest.machine.run(script, what=f"downloading from the hub into {dest.model_dir}", timeout=HUB_DOWNLOAD_TIMEOUT_S)
+        for name, data in made.items():
+            path = sh_path(posixpath.join(dest.model_dir, name))
+            dest.machine.run(f"cat > {path}", what=f"writing {name}", input=data)
 
 
 def is_repo_id(source: str) -> bool:
