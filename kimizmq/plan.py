@@ -504,7 +504,7 @@ def plan_command(config_path: Path | None, as_json: bool) -> None:
 
     Exit 0 when the plan fits, 1 when it does not, 2 on a configuration error.
     """
-    from .discovery import find_config
+    from .discovery import NoConfig, find_config
 
     try:
         cfg = load_config(find_config(config_path))
@@ -516,7 +516,7 @@ def plan_command(config_path: Path | None, as_json: bool) -> None:
             click.echo(f"kimi plan: {e}", err=True)
             sys.exit(2)
         plan, error = e.plan, e
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, NoConfig) as e:
         click.echo(f"kimi plan: {e}", err=True)
         sys.exit(2)
 
