@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import shlex
+import sys
 import time
 import tomllib
 import urllib.error
@@ -56,7 +57,10 @@ class Daemon:
 
     @property
     def program(self) -> str:
-        return (self.ssh.command if self.ssh else "") or f"kimi-{self.role}"
+        if self.ssh is not None:
+            return self.ssh.command or f"kimi-{self.role}"
+        beside = Path(sys.executable).parent / f"kimi-{self.role}"  # this installation's, PATH or not
+        return str(beside) if beside.exists() else f"kimi-{self.role}"
 
     @property
     def args(self) -> str:

@@ -204,6 +204,29 @@ def test_up_names_the_machine_and_the_cause(hosts, tmp_path, change, cause):
         assert not hosts.others(i)
 
 
+def test_up_says_which_port_is_busy_and_stops_what_it_started(hosts, tiny_model, tmp_path):
+    cfg = cluster_config(hosts, tmp_path / "kimi.toml")
+    assert kimi("sync", "--config", str(cfg), "--from", str(tiny_model)).returncode == 0
+    holder = (
+        f"import socket, sys; s = socket.socket(); s.bind(('{hosts.address(1)}', 52501)); s.listen(); sys.stdin.read()"
+    )
+    squatter = subprocess.Popen(
+        ["ip", "netns", "exec", hosts.ns(1), sys.executable, "-c", holder], stdin=subprocess.PIPE
+    )
+    try:
+        wait_until(lambda: any("socket.socket()" in c for c in hosts.others(1)), "the port to be taken")
+        up = kimi("up", "--config", str(cfg))
+    finally:
+        squatter.stdin.close()
+        squatter.wait(10)
+    assert up.returncode == 1
+    assert f"worker 'w1' on {hosts.address(1)} exited: port busy" in up.stderr, up.stderr
+    assert "Address already in use" in up.stderr
+    for i in range(N_HOSTS):
+        wait_until(lambda i=i: not hosts.others(i), f"nothing left running on machine {i}")
+    assert not (tmp_path / "log" / "up.json").exists()
+
+
 def test_a_worker_of_another_version_refuses_the_load(tiny_model, other_version, tmp_path):
     """The handshake itself: a coordinator and a worker of different versions
     on loopback. The worker refuses before loading, naming both versions."""
