@@ -151,9 +151,19 @@ def _matches(d: Daemon, pid: int) -> str:
     return f"ps -ww -p {pid} -o command= 2>/dev/null | grep -qF -- {shlex.quote(mark)}"
 
 
-def alive(d: Daemon, pid: int) -> bool:
-    proc = d.machine.run(f"{_matches(d, pid)} && echo yes || echo no", what=f"checking {d.label}")
-    return proc.stdout.strip() == b"yes"
+def exited(started: list[tuple[Daemon, int]]) -> list[tuple[Daemon, int]]:
+    """Those of `started` no longer running: one ssh call per machine."""
+    by_machine: dict[Machine, list[tuple[Daemon, int]]] = {}
+    for d, pid in started:
+        by_machine.setdefault(d.machine, []).append((d, pid))
+    gone = []
+    for machine, group in by_machine.items():
+        script = "; ".join(f"{{ {_matches(d, pid)} && echo yes || echo no; }}" for d, pid in group)
+        answers = machine.run(script, what="checking its daemons").stdout.split()
+        if len(answers) != len(group):
+            raise RemoteError(f"{machine.label}: checking its daemons gave {answers!r}")
+        gone += [dp for dp, answer in zip(group, answers, strict=True) if answer != b"yes"]
+    return gone
 
 
 def output_tail(d: Daemon) -> str:
@@ -301,10 +311,9 @@ def wait_ready(
                 return last
         now = time.monotonic()
         if now >= next_alive:
-            for d, pid in started:
-                if not alive(d, pid):
-                    tail = output_tail(d)
-                    raise RemoteError(f"{d.label} exited: {_why_exited(d, tail)}\n--- its output ---\n{tail}")
+            for d, _ in exited(started):
+                tail = output_tail(d)
+                raise RemoteError(f"{d.label} exited: {_why_exited(d, tail)}\n--- its output ---\n{tail}")
             next_alive = now + ALIVE_CHECK_S
         if now >= next_progress and last.get("workers"):
             states = ", ".join(f"{n} {w.get('state')}" for n, w in last["workers"].items())

@@ -10,8 +10,8 @@ anything, naming both sides.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 
+from . import __version__
 from .wire import PROTOCOL_VERSION
 
 KEYS = ("protocol", "kimizmq", "mlx")
@@ -22,11 +22,7 @@ def local_versions() -> dict[str, str]:
     """This process's versions, as strings, in the order of KEYS."""
     import mlx.core as mx
 
-    try:
-        own = importlib.metadata.version("kimizmq")
-    except importlib.metadata.PackageNotFoundError:
-        own = "unknown"
-    return {"protocol": str(PROTOCOL_VERSION), "kimizmq": own, "mlx": mx.__version__}
+    return {"protocol": str(PROTOCOL_VERSION), "kimizmq": __version__, "mlx": mx.__version__}
 
 
 def describe(versions: dict | None) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kimizmq import __version__
 from kimizmq.checkpoint import HEADERS_FILE, headers_json, stage_tensor_names, tensor_index
 from kimizmq.local import LocalCluster, write_config
 from tests import hosts as hosts_mod
@@ -40,14 +41,13 @@ def kimi(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def other_version(tmp_path_factory) -> Path:
-    """A second installation of kimizmq at another version: its package and its
-    metadata, laid out as pip lays them out; on PYTHONPATH it is the one found."""
+    """A copy of kimizmq at another version; on PYTHONPATH it is the one imported."""
     site = tmp_path_factory.mktemp("other-version")
     shutil.copytree(Path(__file__).resolve().parent.parent / "kimizmq", site / "kimizmq")
-    info = site / f"kimizmq-{ALT_VERSION}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kimizmq\nVersion: {ALT_VERSION}\n")
-    (info / "INSTALLER").write_text("pip\n")
+    init = site / "kimizmq" / "__init__.py"
+    text = init.read_text()
+    assert f'__version__ = "{__version__}"' in text
+    init.write_text(text.replace(f'__version__ = "{__version__}"', f'__version__ = "{ALT_VERSION}"'))
     return site
 
 
@@ -168,7 +168,7 @@ def test_up_refuses_a_machine_of_another_version_and_starts_nothing(hosts, other
     assert up.returncode == 1
     message = up.stderr
     assert f"worker 'w2' on {hosts.address(2)}: version mismatch" in message
-    assert "kimizmq 0.1.0" in message and f"kimizmq {ALT_VERSION}" in message
+    assert f"kimizmq {__version__}" in message and f"kimizmq {ALT_VERSION}" in message
     for i in range(N_HOSTS):
         assert not hosts.others(i), f"machine {i} runs {hosts.others(i)}"
     assert not (tmp_path / "log" / "up.json").exists()
@@ -249,7 +249,7 @@ def test_a_worker_of_another_version_refuses_the_load(tiny_model, other_version,
         LocalCluster._stop(other)
     said = cluster.stderr("coordinator")
     assert "version mismatch: worker w1 runs" in said, said
-    assert f"kimizmq {ALT_VERSION}" in said and "kimizmq 0.1.0" in said
+    assert f"kimizmq {ALT_VERSION}" in said and f"kimizmq {__version__}" in said
     events = [json.loads(line) for line in (cluster.log_dir / "worker-w1.jsonl").read_text().splitlines()]
     assert not any(e["event"] == "load_started" for e in events)
     assert any(e["event"] == "command_refused" and "version mismatch" in e["error"] for e in events)
