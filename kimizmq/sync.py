@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import posixpath
 import re
@@ -27,6 +28,7 @@ from typing import BinaryIO
 import click
 
 from .checkpoint import (
+    DTYPE_BYTES,
     EMBED_PREFIX,
     HEAD_PREFIXES,
     HEADERS_FILE,
@@ -67,6 +69,7 @@ class Checkpoint:
 class Destination:
     machine: Machine
     model_dir: str  # as the machine's shell sees it
+    python: str = "python3"  # the Python of kimizmq's environment there (hub downloads)
     daemons: list[str] = field(default_factory=list)
     files: set[str] = field(default_factory=set)
 
@@ -122,19 +125,17 @@ def hub_checkpoint(repo_id: str, revision: str | None) -> Checkpoint:
     info = api.model_info(repo_id, revision=revision, files_metadata=True)
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or [] if "/" not in s.rfilename}
     meta = api.get_safetensors_metadata(repo_id, revision=revision)
-    dtype_bytes = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "F64": 8, "I64": 8}
     where: dict[str, str] = {}
     nbytes: dict[str, int] = {}
     dtypes: dict[str, str] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for file, fm in meta.files_metadata.items():
         for name, t in fm.tensors.items():
+            if t.dtype not in DTYPE_BYTES:
+                raise CheckpointError(f"{repo_id}/{file}: tensor {name} has unknown dtype {t.dtype}")
             where[name] = file
             dtypes[name], shapes[name] = t.dtype, tuple(t.shape)
-            n = 1
-            for d in t.shape:
-                n *= d
-            nbytes[name] = n * dtype_bytes.get(t.dtype, 4)
+            nbytes[name] = math.prod(t.shape) * DTYPE_BYTES[t.dtype]
     model_config = json.loads(Path(hf_hub_download(repo_id, "config.json", revision=revision)).read_text())
     index = {name: TensorInfo(Path(where[name]), dtypes[name], shapes[name], nbytes[name]) for name in where}
 
@@ -180,7 +181,9 @@ def destinations(cfg: Config, files: dict[str, set[str]], ck: Checkpoint) -> lis
     for d in daemons(cfg):
         model_dir = remote_model_dir(raw, d.config)
         key = (d.ssh.target if d.ssh else None, d.ssh.port if d.ssh else 0, model_dir)
-        dest = out.setdefault(key, Destination(d.machine, model_dir))
+        program = d.program
+        python = sh_path(posixpath.join(posixpath.dirname(program), "python")) if "/" in program else "python3"
+        dest = out.setdefault(key, Destination(d.machine, model_dir, f"{d.env_prefix()}{python}"))
         dest.daemons.append(d.name)
         dest.files |= files.get(d.name, small_files(ck))  # the coordinator: config and tokenizer
     return list(out.values())
@@ -288,7 +291,7 @@ def sync_hub(
             "allow_patterns=json.loads(sys.argv[3]), local_dir=sys.argv[4])"
         )
         script = (
-            f"python3 -c {shlex.quote(code)} {shlex.quote(repo_id)} {shlex.quote(revision or '')} "
+            f"{dest.python} -c {shlex.quote(code)} {shlex.quote(repo_id)} {shlex.quote(revision or '')} "
             f"{shlex.quote(json.dumps(patterns))} {sh_path(dest.model_dir)}"
         )
         echo(f"{dest.label}: downloading {len(patterns)} files of {repo_id} for {', '.join(dest.daemons)}")
