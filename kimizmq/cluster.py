@@ -21,14 +21,17 @@ import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from . import wired
 from .config import Config, SshConfig
 from .remote import Machine, RemoteError, sh_path
 from .versions import version_text
 
+T = TypeVar("T")
 STATE_FILE = "up.json"
 POLL_S = 0.5
 ALIVE_CHECK_S = 2.0  # how often `up` asks each machine whether its daemons still run
@@ -117,7 +120,7 @@ def check_machine(d: Daemon) -> dict:
         'echo "wired_mb=$(sysctl -n iogpu.wired_limit_mb 2>/dev/null)"; '
         'echo "mem_bytes=$(sysctl -n hw.memsize 2>/dev/null)"'
     )
-    proc = d.machine.run(script, what=f"running {d.program} --version for {d.label}")
+    proc = d.machine.run(script, what=f"{d.role} {d.name!r}: {d.program} --version")
     lines = proc.stdout.decode(errors="replace").splitlines()
     theirs = lines[0].strip() if lines else ""
     mine = version_text()
@@ -260,6 +263,14 @@ def _worker_line(name: str, d: Daemon, w: dict) -> str:
     return f"  {name}: {d.machine.label}  layers {span}  memory {memory}  loaded {load}  ({w.get('state')})"
 
 
+def each(step: Callable[[Daemon], T], all_daemons: list[Daemon]) -> list[T]:
+    """`step` on every daemon at once (each is a round trip to its machine);
+    the results in order, or the first daemon's error, in config order."""
+    with ThreadPoolExecutor(max_workers=len(all_daemons)) as pool:
+        futures = [pool.submit(step, d) for d in all_daemons]
+    return [f.result() for f in futures]
+
+
 def up(cfg: Config, echo: Callable[[str], None], timeout: float | None = None) -> str:
     """Bring the cluster up; the API's URL. On any failure, stop what was
     started and raise RemoteError naming the machine and the cause."""
@@ -267,15 +278,13 @@ def up(cfg: Config, echo: Callable[[str], None], timeout: float | None = None) -
         raise RemoteError(f"{state_path(cfg)} says a cluster started by `kimi up` runs; `kimi down` first")
     needs = _plan_needs(cfg)
     all_daemons = daemons(cfg)
-    for d in all_daemons:
-        facts = check_machine(d)
+    for d, facts in zip(all_daemons, each(check_machine, all_daemons)):
         if d.role != "worker" or facts.get("os") != "Darwin" or d.name not in needs:
             continue
         if warning := wired.sysctl_warning(d.name, needs[d.name], facts.get("wired_mb"), facts.get("mem_bytes")):
             echo(f"warning: {warning}")
     text = cfg.path.read_bytes()
-    for d in all_daemons:
-        copy_config(d, text)
+    each(lambda d: copy_config(d, text), all_daemons)
     started: list[tuple[Daemon, int]] = []
     try:
         for d in all_daemons:

@@ -53,12 +53,12 @@ class Machine:
         s = self.ssh
         return [
             "ssh",
+            *s.options,  # first: for each option ssh keeps the first value it is given
             "-o",
             "BatchMode=yes",  # never wait on a password prompt
             "-o",
             f"ConnectTimeout={CONNECT_TIMEOUT_S}",
             *(["-p", str(s.port)] if s.port else []),
-            *s.options,
             s.target,
             "--",
             "sh -c " + shlex.quote(script),  # the same shell whatever the login shell is
