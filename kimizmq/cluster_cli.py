@@ -64,7 +64,12 @@ def down_command(config_path):
 
 @click.command("sync")
 @config_option
-@click.option("--from", "source", required=True, help="a model folder here, or a Hugging Face repo id")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    help="a model folder here, NAME:FOLDER on the machine of worker NAME (or coordinator), or a Hugging Face repo id",
+)
 @click.option("--revision", help="with a repo id: the branch, tag or commit")
 @click.option("--dry-run", is_flag=True, help="say what each machine needs; copy nothing")
 def sync_command(config_path, source, revision, dry_run):
@@ -78,10 +83,15 @@ def sync_command(config_path, source, revision, dry_run):
     cfg = _config(config_path)
     hub = sync.is_repo_id(source)
     try:
-        ck = sync.hub_checkpoint(source, revision) if hub else sync.local_checkpoint(Path(source).expanduser())
+        if hub:
+            ck = sync.hub_checkpoint(source, revision)
+        elif (holder := sync.source_daemon(cfg, source)) is not None:
+            ck = sync.remote_checkpoint(holder.machine, sync.python_of(holder), source.split(":", 1)[1])
+        else:
+            ck = sync.local_checkpoint(Path(source).expanduser())
         plan, files = sync.worker_files(cfg, ck)
         dests = sync.destinations(cfg, files, ck)
-    except (CheckpointError, PlanError, OSError) as e:
+    except (CheckpointError, PlanError, OSError, RemoteError) as e:
         raise click.ClickException(f"{source}: {e}") from None
     for name, f in files.items():
         s = plan.stage(name)
@@ -92,7 +102,7 @@ def sync_command(config_path, source, revision, dry_run):
         if hub:
             sync.sync_hub(dests, source, revision, ck.made, click.echo)
         else:
-            sync.sync_local(dests, Path(source).expanduser(), ck, click.echo, progress=sys.stdout.isatty())
+            sync.sync_files(dests, ck, click.echo, progress=sys.stdout.isatty())
     except RemoteError as e:
         raise click.ClickException(str(e)) from None
     click.echo("in sync.")

@@ -13,6 +13,7 @@ each machine downloads only its files with huggingface_hub's allow_patterns.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -20,7 +21,9 @@ import os
 import posixpath
 import re
 import shlex
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -43,6 +46,7 @@ from .checkpoint import (
     stage_tensor_names,
     tensor_index,
 )
+from .cluster import Daemon
 from .config import Config
 from .plan import Plan, make_plan
 from .remote import Machine, RemoteError, sh_path
@@ -63,6 +67,8 @@ class Checkpoint:
     layer_sizes: LayerSizes
     model_config: dict
     made: dict[str, bytes] = field(default_factory=dict)  # files written here, not copied (HEADERS_FILE)
+    # A source file's bytes from an offset on: (name, offset) -> a context giving a binary stream.
+    open_at: Callable[[str, int], AbstractContextManager[BinaryIO]] | None = None
 
 
 @dataclass
@@ -92,7 +98,61 @@ def local_checkpoint(source: Path) -> Checkpoint:
     sizes = {p.name: p.stat().st_size for p in sorted(source.iterdir()) if p.is_file()}
     made = {HEADERS_FILE: headers_json(index)}
     sizes.update({name: len(data) for name, data in made.items()})
-    return Checkpoint(sizes, weights_of, layer_sizes(source), read_config(source), made)
+
+    @contextlib.contextmanager
+    def open_at(name: str, offset: int) -> Iterator[BinaryIO]:
+        with open(source / name, "rb") as f:
+            f.seek(offset)
+            yield f
+
+    return Checkpoint(sizes, weights_of, layer_sizes(source), read_config(source), made, open_at)
+
+
+# Run on the machine holding the model, with its kimizmq: the file sizes and every header.
+_REMOTE_INDEX = (
+    "import json, sys; from pathlib import Path; "
+    "from kimizmq.checkpoint import headers_json, read_config, tensor_index; "
+    "d = Path(sys.argv[1]).expanduser(); "
+    "print(json.dumps({'sizes': {p.name: p.stat().st_size for p in d.iterdir() if p.is_file()}, "
+    "'config': read_config(d), 'headers': headers_json(tensor_index(d)).decode()}))"
+)
+
+
+def remote_checkpoint(machine: Machine, python: str, model_dir: str) -> Checkpoint:
+    """A checkpoint on another machine of the cluster, indexed there (headers only)."""
+    proc = machine.run(
+        f"{python} -c {shlex.quote(_REMOTE_INDEX)} {shlex.quote(model_dir)}", what=f"reading the checkpoint {model_dir}"
+    )
+    try:
+        data = json.loads(proc.stdout)
+        headers = json.loads(data["headers"])
+        index = {
+            n: TensorInfo(Path(file), d, tuple(shape), nb)
+            for file, ts in headers.items()
+            for n, (d, shape, nb) in ts.items()
+        }
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise RemoteError(f"{machine.label}: reading the checkpoint {model_dir} gave no index: {e}") from None
+
+    def weights_of(start: int, end: int, first: bool, last: bool) -> set[str]:
+        return {index[n].file.name for n in stage_tensor_names(index, start, end, first=first, last=last)}
+
+    made = {HEADERS_FILE: data["headers"].encode()}
+    sizes = {**data["sizes"], **{name: len(b) for name, b in made.items()}}
+    nbytes = {n: t.nbytes for n, t in index.items()}
+    layers = _sizes_from(nbytes, data["config"]["num_hidden_layers"])
+
+    @contextlib.contextmanager
+    def open_at(name: str, offset: int) -> Iterator[BinaryIO]:
+        path = sh_path(posixpath.join(model_dir, name))
+        reader = subprocess.Popen(machine.argv(f"tail -c +{offset + 1} {path}"), stdout=subprocess.PIPE)
+        try:
+            yield reader.stdout
+        finally:
+            reader.stdout.close()
+            reader.wait()
+
+    return Checkpoint(sizes, weights_of, layers, data["config"], made, open_at)
 
 
 def _sizes_from(tensors: dict[str, int], num_layers: int) -> LayerSizes:
@@ -172,6 +232,27 @@ def remote_model_dir(raw: str, remote_config: str) -> str:
     return posixpath.normpath(posixpath.join(posixpath.dirname(remote_config), raw))
 
 
+def python_of(d: Daemon) -> str:
+    """sh: the Python of the daemon's environment there (beside its program), with its env."""
+    program = d.program
+    python = sh_path(posixpath.join(posixpath.dirname(program), "python")) if "/" in program else "python3"
+    return f"{d.env_prefix()}{python}"
+
+
+def source_daemon(cfg: Config, source: str) -> Daemon | None:
+    """The daemon whose machine holds SOURCE = NAME:FOLDER, or None for a local folder."""
+    from .cluster import daemons
+
+    name, sep, folder = source.partition(":")
+    if not sep or not folder or os.path.exists(source):
+        return None
+    for d in daemons(cfg):
+        if d.name == name:
+            return d
+    known = ", ".join(d.name for d in daemons(cfg))
+    raise RemoteError(f"{source}: no worker or coordinator named {name!r} to copy from (known: {known})")
+
+
 def destinations(cfg: Config, files: dict[str, set[str]], ck: Checkpoint) -> list[Destination]:
     """One per (machine, model folder), with every file its daemons need."""
     from .cluster import daemons, raw_model_path
@@ -181,9 +262,7 @@ def destinations(cfg: Config, files: dict[str, set[str]], ck: Checkpoint) -> lis
     for d in daemons(cfg):
         model_dir = remote_model_dir(raw, d.config)
         key = (d.ssh.target if d.ssh else None, d.ssh.port if d.ssh else 0, model_dir)
-        program = d.program
-        python = sh_path(posixpath.join(posixpath.dirname(program), "python")) if "/" in program else "python3"
-        dest = out.setdefault(key, Destination(d.machine, model_dir, f"{d.env_prefix()}{python}"))
+        dest = out.setdefault(key, Destination(d.machine, model_dir, python_of(d)))
         dest.daemons.append(d.name)
         dest.files |= files.get(d.name, small_files(ck))  # the coordinator: config and tokenizer
     return list(out.values())
@@ -216,7 +295,7 @@ def remote_sizes(dest: Destination, names: list[str]) -> dict[str, tuple[int, in
 def copy_file(
     dest: Destination, source: BinaryIO, name: str, size: int, offset: int, advance: Callable[[int], None]
 ) -> None:
-    """Stream `source` from `offset` into `name.partial` there; rename it once its size is `size`."""
+    """Append `source` (the file from `offset` on) to `name.partial` there; rename it once its size is `size`."""
     part = shlex.quote(name + PARTIAL)
     script = (
         f"cd {sh_path(dest.model_dir)} && cat {'>>' if offset else '>'} {part} && "
@@ -224,7 +303,6 @@ def copy_file(
     )
     proc = dest.machine.popen(script)
     try:
-        source.seek(offset)
         while chunk := source.read(CHUNK_BYTES):
             proc.stdin.write(chunk)
             advance(len(chunk))
@@ -238,8 +316,8 @@ def copy_file(
         raise RemoteError(f"{dest.label}: copying {name} failed (exit {proc.returncode}): {err or 'size differs'}")
 
 
-def sync_local(
-    dests: list[Destination], source: Path, ck: Checkpoint, echo: Callable[[str], None], progress: bool = True
+def sync_files(
+    dests: list[Destination], ck: Checkpoint, echo: Callable[[str], None], progress: bool = True
 ) -> dict[str, int]:
     """Copy what each destination lacks; bytes copied per destination."""
     sizes = ck.sizes
@@ -266,7 +344,7 @@ def sync_local(
         )
         with click.progressbar(length=total, label=dest.machine.label, hidden=not progress) as bar:
             for n, off in todo:
-                with io.BytesIO(ck.made[n]) if n in ck.made else open(source / n, "rb") as f:
+                with io.BytesIO(ck.made[n][off:]) if n in ck.made else ck.open_at(n, off) as f:
                     copy_file(dest, f, n, sizes[n], off, bar.update)
         verify(dest, names, sizes)
         copied[dest.label] = total

@@ -132,6 +132,32 @@ def test_sync_copies_each_machine_only_its_files_and_a_second_run_nothing(hosts,
     assert target.read_bytes() == data and not (host_model(hosts, 1) / f"{weight}.partial").exists()
 
 
+def test_sync_from_the_machine_that_has_the_model(hosts, tiny_model, tmp_path):
+    """`--from w0:FOLDER`: the checkpoint is indexed on w0's machine and
+    streamed from there; the others get the same files as from a local folder."""
+    cfg = cluster_config(hosts, tmp_path / "kimi.toml")
+    shutil.copytree(tiny_model, hosts.folder(0) / "full", dirs_exist_ok=True)
+    for i in (1, 2):
+        shutil.rmtree(host_model(hosts, i), ignore_errors=True)
+    source = f"w0:{hosts.shared_path / 'full'}"
+    out = kimi("sync", "--config", str(cfg), "--from", source)
+    assert out.returncode == 0, out.stderr + out.stdout
+    local = kimi("sync", "--config", str(cfg), "--from", str(tiny_model), "--dry-run")
+    assert [line for line in out.stdout.splitlines() if line.startswith("w")][:N_HOSTS] == [
+        line for line in local.stdout.splitlines() if line.startswith("w")
+    ]
+    for i in (1, 2):
+        have = sorted(p.name for p in host_model(hosts, i).iterdir())
+        assert HEADERS_FILE in have and not any(n.endswith(".partial") for n in have)
+        for name in set(have) - {HEADERS_FILE}:
+            assert (host_model(hosts, i) / name).read_bytes() == (tiny_model / name).read_bytes()
+        assert (host_model(hosts, i) / HEADERS_FILE).read_bytes() == headers_json(tensor_index(tiny_model))
+    again = kimi("sync", "--config", str(cfg), "--from", source)
+    assert again.returncode == 0 and "copying" not in again.stdout, again.stdout
+    bad = kimi("sync", "--config", str(cfg), "--from", "w9:/x")
+    assert bad.returncode == 1 and "no worker or coordinator named 'w9'" in bad.stderr
+
+
 def test_up_serves_mlx_lm_greedy_over_ssh_and_down_stops_everything(hosts, tiny_model, tmp_path):
     cfg = cluster_config(hosts, tmp_path / "kimi.toml")
     synced = kimi("sync", "--config", str(cfg), "--from", str(tiny_model))
