@@ -18,7 +18,7 @@ from .config import Config, ConfigError, load_config
 from .discovery import config_option, find_config
 from .log import LEVELS
 from .plan import plan_command
-from .versions import version_text
+from .versions import version_option
 
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
 
@@ -111,7 +111,7 @@ def _run(coro):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(message=version_text(), help="print the kimizmq, MLX and protocol versions")
+@version_option
 def main() -> None:
     """kimizmq: run one model across several Macs."""
 

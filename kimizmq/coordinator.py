@@ -31,7 +31,7 @@ from .control import ControlClient, ControlError, ControlTimeout
 from .metrics import ITL_BUCKETS_S, TTFT_BUCKETS_S, Histogram
 from .plan import Plan, PlanError, make_plan
 from .tokenizer import Tokenizer, load_tokenizer
-from .versions import version_text
+from .versions import version_option
 
 HEALTH_POLL_S = 0.2
 LOAD_CALL_TIMEOUT_S = 10.0
@@ -546,7 +546,7 @@ async def serve(cfg: Config) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="etc/kimi.toml")
 @click.option("-v", "--verbose", is_flag=True, help="also print every log line on stderr")
-@click.version_option(message=version_text(), help="print the kimizmq, MLX and protocol versions")
+@version_option
 def main(config_path: str, verbose: bool) -> None:
     """Run the coordinator of the cluster config."""
     try:

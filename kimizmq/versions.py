@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 
+import click
+
 from . import __version__
 from .wire import PROTOCOL_VERSION
 
@@ -44,3 +46,20 @@ def mismatch(mine: dict, theirs: dict | None, *, me: str, them: str) -> str | No
 def version_text() -> str:
     v = local_versions()
     return f"kimizmq {v['kimizmq']}, MLX {v['mlx']}, wire protocol {v['protocol']}"
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_text())
+        ctx.exit()
+
+
+# `--version` for every program; MLX is imported only when it is asked for.
+version_option = click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="print the kimizmq, MLX and wire-protocol versions",
+)

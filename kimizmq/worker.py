@@ -44,7 +44,7 @@ from .config import Config, ConfigError, WorkerConfig, load_config
 from .plan import StageAssignment, available_memory_bytes, check_stage_memory
 from .shard import ShardError, compiled_decode, iter_load_shard
 from .stage import ForwardResult, Stage, StageError, Step
-from .versions import version_text
+from .versions import version_option
 
 POLL_MS = 100
 MAX_BATCH = 16  # data messages taken per loop round
@@ -725,7 +725,7 @@ def _decoded(frames) -> wire.Message | list:
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="etc/kimi.toml")
 @click.option("--name", required=True, help="this worker's name in the config")
 @click.option("-v", "--verbose", is_flag=True, help="also print every log line on stderr")
-@click.version_option(message=version_text(), help="print the kimizmq, MLX and protocol versions")
+@version_option
 def main(config_path: str, name: str, verbose: bool) -> None:
     """Run the worker NAME of the cluster config."""
     try:
