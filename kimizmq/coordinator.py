@@ -529,6 +529,11 @@ async def serve(cfg: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner = await run_api(engine)
+    c = cfg.coordinator
+    log.announce(
+        f"kimi-coordinator: API listening on http://{c.api_host}:{c.api_port}/v1; "
+        f"loading {len(plan.stages)} workers (tokens come back to {c.result_address})"
+    )
     try:
         starter = asyncio.create_task(engine.start())
         done, _ = await asyncio.wait([starter, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)

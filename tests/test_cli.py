@@ -309,6 +309,7 @@ def test_daemons_print_a_human_line_when_listening_and_when_ready(cluster):
         assert re.search(rf"kimi-worker {w.name} ready: layers \[\d, \d\), [\d.]+ GiB of weights loaded in", said)
     port = cluster.cfg.coordinator.api_port
     said = cluster.stderr("coordinator")
+    assert f"kimi-coordinator: API listening on http://127.0.0.1:{port}/v1; loading 2 workers" in said
     assert f"kimi-coordinator ready: http://127.0.0.1:{port}/v1 serves {MODEL} on w0 [0, " in said
 
 
