@@ -56,7 +56,7 @@ class Hosts:
         self.shared_path = shared_path
         tag = os.getpid() % 100000
         self.prefix = f"kz{tag}"
-        self.net = f"10.{200 + tag % 50}.{tag // 50 % 250}"
+        self.net = f"198.18.{tag % 250}"  # RFC 2544's range for tests: no real network uses it
         self.namespaces: list[str] = []
         self.sshd: list[subprocess.Popen] = []
         self.ssh_config = root / "ssh_config"
