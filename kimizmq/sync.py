@@ -271,7 +271,8 @@ def destinations(cfg: Config, files: dict[str, set[str]], ck: Checkpoint) -> lis
 def describe_files(files: set[str], sizes: dict[str, int]) -> str:
     weights = sorted(f for f in files if f.endswith(WEIGHT_SUFFIX))
     total = sum(sizes.get(f, 0) for f in files)
-    return f"{len(files)} files, {total / 2**30:.2f} GiB ({len(weights)} weight files: {', '.join(weights) or '-'})"
+    size = f"{total / 2**30:.2f} GiB" if total >= 2**30 else f"{total / 2**20:.2f} MiB"
+    return f"{len(files)} files, {size} ({len(weights)} weight files: {', '.join(weights) or '-'})"
 
 
 # -- copying ----------------------------------------------------------------------
