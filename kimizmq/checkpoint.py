@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 INDEX_FILE = "model.safetensors.index.json"
+# Every safetensors header of a checkpoint, written by `kimi sync` next to
+# the files it copies: a machine holding only its workers' files still plans
+# and indexes the whole model. {file: {tensor: [dtype, shape, nbytes]}}
+HEADERS_FILE = "kimizmq-headers.json"
 WEIGHT_GLOB = "model*.safetensors"  # what mlx-lm's loader reads
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 
@@ -210,10 +214,16 @@ def tensor_index(model_dir: str | Path) -> dict[str, TensorInfo]:
     if index_path.exists():
         weight_map = _weight_map(index_path)
         headers = {}
+        recorded = None
         for file in sorted(set(weight_map.values())):
-            if not (model_dir / file).is_file():
+            if (model_dir / file).is_file():
+                headers[file] = read_safetensors_header(model_dir / file)
+                continue
+            if recorded is None:
+                recorded = read_headers_file(model_dir)
+            if file not in recorded:
                 raise CheckpointError(f"{index_path} names {file}, which is missing from {model_dir}")
-            headers[file] = read_safetensors_header(model_dir / file)
+            headers[file] = recorded[file]
         index = {}
         for name, file in weight_map.items():
             if name not in headers[file]:
@@ -231,6 +241,29 @@ def tensor_index(model_dir: str | Path) -> dict[str, TensorInfo]:
                 raise CheckpointError(f"tensor {name!r} is in both {index[name].file.name} and {file.name}")
             index[name] = info
     return index
+
+
+def headers_json(index: dict[str, TensorInfo]) -> bytes:
+    """HEADERS_FILE's content for a checkpoint's tensor index (the same bytes for the same index)."""
+    files: dict[str, dict] = {}
+    for name, t in index.items():
+        files.setdefault(t.file.name, {})[name] = [t.dtype, list(t.shape), t.nbytes]
+    return json.dumps(files, sort_keys=True).encode()
+
+
+def read_headers_file(model_dir: Path) -> dict[str, dict[str, TensorInfo]]:
+    """HEADERS_FILE of `model_dir` as {file: {tensor: TensorInfo}}; empty when there is none."""
+    path = model_dir / HEADERS_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {
+            file: {n: TensorInfo(model_dir / file, d, tuple(shape), int(nb)) for n, (d, shape, nb) in tensors.items()}
+            for file, tensors in data.items()
+        }
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a header table kimi sync wrote: {e}") from None
 
 
 def layer_of(name: str) -> int | None:

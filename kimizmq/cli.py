@@ -13,17 +13,19 @@ import aiohttp
 import click
 
 from .bench import bench_command
+from .cluster_cli import down_command, init_command, service_group, sync_command, up_command
 from .config import Config, ConfigError, load_config
+from .discovery import config_option, find_config
 from .log import LEVELS
 from .plan import plan_command
+from .versions import version_option
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "kimi.toml"
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
 
 
-def _config(path: str) -> Config:
+def _config(path: str | None) -> Config:
     try:
-        return load_config(path)
+        return load_config(find_config(path))
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
 
@@ -38,20 +40,32 @@ def _headers(cfg: Config) -> dict:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-config_option = click.option(
-    "--config",
-    "config_path",
-    default=str(DEFAULT_CONFIG),
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="cluster config (etc/kimi.toml)",
-)
+class StreamStats:
+    """What `kimi prompt --verbose` reports: time to first token, tokens/s."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.first: float | None = None
+        self.end: float | None = None
+        self.completion_tokens: int | None = None
+
+    def summary(self) -> str:
+        if self.first is None or self.end is None:
+            return "no tokens came back"
+        ttft = self.first - self.start
+        n = self.completion_tokens
+        rest = self.end - self.first
+        rate = f"{(n - 1) / rest:.1f} tokens/s after the first" if n and n > 1 and rest > 0 else "tokens/s: -"
+        return f"{n if n is not None else '?'} tokens; TTFT {ttft * 1e3:.0f} ms; {rate}; {self.end - self.start:.2f} s in all"
 
 
-async def stream_completion(cfg: Config, body: dict, out) -> str:
-    """POST a streaming request and write the text to `out` as it arrives."""
+async def stream_completion(cfg: Config, body: dict, out, stats: StreamStats | None = None) -> str:
+    """POST a streaming request and write the text to `out` as it arrives
+    (with `stats`, also ask for the usage and time the stream)."""
     path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
     body = {**body, "stream": True, "model": cfg.model_name}
+    if stats is not None:
+        body["stream_options"] = {"include_usage": True}
     text = []
     async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT, headers=_headers(cfg)) as session:
         async with session.post(_api(cfg) + path, json=body) as resp:
@@ -69,9 +83,13 @@ async def stream_completion(cfg: Config, body: dict, out) -> str:
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
                         raise click.ClickException(chunk["error"]["message"])
+                    if stats is not None and chunk.get("usage"):
+                        stats.completion_tokens = chunk["usage"].get("completion_tokens")
                     for choice in chunk.get("choices", []):
                         piece = choice.get("text") if "text" in choice else choice.get("delta", {}).get("content")
                         if piece:
+                            if stats is not None and stats.first is None:
+                                stats.first = time.monotonic()
                             out.write(piece)
                             out.flush()
                             text.append(piece)
@@ -80,6 +98,8 @@ async def stream_completion(cfg: Config, body: dict, out) -> str:
                 # of the answer first); the coordinator then cancels the request.
                 resp.close()
                 raise
+    if stats is not None:
+        stats.end = time.monotonic()
     return "".join(text)
 
 
@@ -91,6 +111,7 @@ def _run(coro):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option
 def main() -> None:
     """kimizmq: run one model across several Macs."""
 
@@ -102,10 +123,14 @@ def main() -> None:
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--raw", is_flag=True, help="send exactly the tokens of TEXT: no chat template, no BOS")
+@click.option("-v", "--verbose", is_flag=True, help="then print tokens, time to first token and tokens/s on stderr")
 @click.argument("text")
-def prompt_command(config_path, max_tokens, temperature, top_p, seed, raw, text):
-    """Write the completion of TEXT, and only it, to stdout as it streams."""
+def prompt_command(config_path, max_tokens, temperature, top_p, seed, raw, verbose, text):
+    """Write the completion of TEXT, and only it, to stdout as it streams.
+    TEXT "-" reads the prompt from stdin."""
     cfg = _config(config_path)
+    if text == "-":
+        text = sys.stdin.read()
     body = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
     if seed is not None:
         body["seed"] = seed
@@ -113,8 +138,11 @@ def prompt_command(config_path, max_tokens, temperature, top_p, seed, raw, text)
         body["prompt"] = text
     else:
         body["messages"] = [{"role": "user", "content": text}]
-    _run(stream_completion(cfg, body, sys.stdout))
+    stats = StreamStats() if verbose else None
+    _run(stream_completion(cfg, body, sys.stdout, stats))
     sys.stdout.write("\n")
+    if stats is not None:
+        click.echo(stats.summary(), err=True)
 
 
 @main.command("demo")
@@ -490,6 +518,8 @@ def logs_command(config_path, follow, request_id, level, daemons, lines, as_json
 
 main.add_command(plan_command, "plan")
 main.add_command(bench_command, "bench")
+for _command in (up_command, down_command, sync_command, init_command, service_group):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

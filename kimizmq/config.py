@@ -19,6 +19,58 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class SshConfig:
+    """How `kimi up`, `kimi down` and `kimi sync` reach a daemon's machine:
+    a [workers.ssh] or [coordinator.ssh] table. Empty fields: ssh's defaults."""
+
+    host: str  # default: the daemon's own host
+    user: str = ""
+    port: int = 0
+    options: tuple[str, ...] = ()  # more ssh arguments, e.g. ("-i", "~/.ssh/kimi")
+    command: str = ""  # the daemon's program there; default: kimi-worker / kimi-coordinator on its PATH
+    env: tuple[tuple[str, str], ...] = ()  # set for the daemon there
+    config: str = ""  # where the config goes there; default: this config's path
+
+    @property
+    def target(self) -> str:
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+
+SSH_KEYS = ("host", "user", "port", "options", "command", "env", "config")
+
+
+def _ssh(section: Any, default_host: str, where: str) -> SshConfig | None:
+    if section is None:
+        return None
+    where = f"{where} ssh"
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: must be a table")
+    if unknown := set(section) - set(SSH_KEYS):
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: {', '.join(SSH_KEYS)})")
+    port = section.get("port", 0)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536 and "port" in section:
+        raise ConfigError(f"{where}: port must be an integer port in 1..65535, got {port!r}")
+    options = section.get("options", [])
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        raise ConfigError(f"{where}: options must be a list of strings")
+    env = section.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise ConfigError(f"{where}: env must be a table of strings")
+    bad = [k for k in env if not k.isidentifier()]
+    if bad:
+        raise ConfigError(f"{where}: env names must be identifiers, got {bad}")
+    return SshConfig(
+        host=_typed(section, "host", str, where, default_host) or default_host,
+        user=_typed(section, "user", str, where, ""),
+        port=port,
+        options=tuple(options),
+        command=_typed(section, "command", str, where, ""),
+        env=tuple(env.items()),
+        config=_typed(section, "config", str, where, ""),
+    )
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     name: str
     host: str
@@ -27,6 +79,7 @@ class WorkerConfig:
     max_memory_gb: float | None = None
     layers: tuple[int, int] | None = None
     bandwidth_gbs: float | None = None
+    ssh: SshConfig | None = None
 
     @property
     def control_port(self) -> int:
@@ -50,6 +103,7 @@ class CoordinatorConfig:
     host: str  # where workers send sampled tokens (the result socket binds here)
     ports: dict[str, int]
     api_host: str = ""  # where the HTTP API listens; empty: the same as host
+    ssh: SshConfig | None = None  # `kimi up` starts it there; None: on the machine running `kimi up`
 
     # Address workers bind/connect for the coordinator's inbound token stream.
     @property
@@ -90,6 +144,9 @@ class RuntimeConfig:
     # often (its first and last at once), a run of them at a time: fewer
     # wake-ups for the coordinator and the client. 0: every token on its own.
     stream_interval_ms: float = 20.0
+    # macOS: memory MLX may wire for a worker's weights. < 0: the GPU's
+    # recommended working set (mx.device_info()); 0: leave MLX's default.
+    wired_limit_gb: float = -1.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +206,7 @@ RUNTIME_RANGES: dict[str, tuple] = {
     "request_idle_timeout_s": ((0,), None),
     "cache_limit_gb": (None, None),  # < 0: MLX's default
     "stream_interval_ms": (0, MAX_STREAM_INTERVAL_MS),
+    "wired_limit_gb": (None, None),  # < 0: the device's recommended working set
 }
 PLAN_RANGES: dict[str, tuple] = {"memory_fraction": ((0,), 1), "runtime_margin_gb": (0, None)}
 WORKER_RANGES: dict[str, tuple] = {
@@ -239,7 +297,9 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     ports = dict(COORDINATOR_DEFAULT_PORTS)
     ports.update(_ports(coord, f"{src} [coordinator]"))
     api_host = _typed(coord, "api_host", str, f"{src} [coordinator]", host)
-    coordinator = CoordinatorConfig(host=host, ports=ports, api_host=api_host)
+    coordinator = CoordinatorConfig(
+        host=host, ports=ports, api_host=api_host, ssh=_ssh(coord.get("ssh"), host, f"{src} [coordinator]")
+    )
 
     raw_workers = data.get("workers")
     if not isinstance(raw_workers, list) or not raw_workers:
@@ -280,11 +340,13 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         bw = _typed(w, "bandwidth_gbs", float, where)
         for key, value in (("memory_gb", memory_gb), ("max_memory_gb", max_mem), ("bandwidth_gbs", bw)):
             _check_range(where, key, value, WORKER_RANGES[key])
-        known = {"name", "host", "memory_gb", "layers", "max_memory_gb", "bandwidth_gbs"}
+        known = {"name", "host", "memory_gb", "layers", "max_memory_gb", "bandwidth_gbs", "ssh"}
         unknown = {k for k in w if k not in known and not k.endswith("_port")}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
-        workers.append(WorkerConfig(name, whost, memory_gb, wports, max_mem, layers, bw))
+        workers.append(
+            WorkerConfig(name, whost, memory_gb, wports, max_mem, layers, bw, _ssh(w.get("ssh"), whost, where))
+        )
 
     # Two sockets bound on one host and port would fail at start: say so now.
     bound: dict[tuple[str, int], str] = {}

@@ -14,6 +14,7 @@ import zmq
 import zmq.asyncio
 
 from . import wire
+from .versions import local_versions, mismatch
 
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -24,6 +25,16 @@ class ControlError(RuntimeError):
 
 class ControlTimeout(TimeoutError):
     """No answer within the deadline."""
+
+
+def _checked(msg: wire.Message, name: str, address: str) -> dict:
+    """The result of a reply, or ControlError: a refusal, or a worker of other versions."""
+    problem = mismatch(local_versions(), msg.header.get("versions"), me="this side", them=f"worker {name} ({address})")
+    if problem is not None and (msg.header["ok"] or "version mismatch" not in msg.header.get("error", "")):
+        raise ControlError(problem)
+    if not msg.header["ok"]:
+        raise ControlError(f"worker {name}: {msg.header.get('error', 'refused')}")
+    return msg.header.get("result") or {}
 
 
 def call_once(
@@ -37,7 +48,7 @@ def call_once(
 ) -> dict:
     """One command on a fresh blocking REQ socket, for tools outside an event
     loop (`kimi logs`, `kimi bench`); `secure(sock, name)` sets up CURVE."""
-    header = {"cmd": cmd, "id": f"{cmd}-once"}
+    header = {"cmd": cmd, "id": f"{cmd}-once", "versions": local_versions()}
     if args:
         header["args"] = args
     sock = zmq.Context.instance().socket(zmq.REQ)
@@ -56,9 +67,9 @@ def call_once(
         raise ControlError(f"worker {name} ({address}): bad reply to {cmd}: {e}") from None
     finally:
         sock.close()
-    if msg.kind != "reply" or not msg.header["ok"]:
-        raise ControlError(f"worker {name}: {msg.header.get('error', 'refused')}")
-    return msg.header.get("result") or {}
+    if msg.kind != "reply":
+        raise ControlError(f"worker {name}: answered {cmd} with a {msg.kind} message")
+    return _checked(msg, name, address)
 
 
 class ControlClient:
@@ -93,7 +104,7 @@ class ControlClient:
         """Send one command; return its result or raise ControlError/ControlTimeout."""
         async with self._lock:
             cid = f"{cmd}-{next(self._ids)}"
-            header = {"cmd": cmd, "id": cid}
+            header = {"cmd": cmd, "id": cid, "versions": local_versions()}
             if args:
                 header["args"] = args
             sock = self._socket()
@@ -115,6 +126,4 @@ class ControlClient:
             except asyncio.CancelledError:
                 self._reset()
                 raise
-        if not msg.header["ok"]:
-            raise ControlError(f"worker {self.name}: {msg.header.get('error', 'refused')}")
-        return msg.header.get("result") or {}
+        return _checked(msg, self.name, self.address)

@@ -31,6 +31,7 @@ from .control import ControlClient, ControlError, ControlTimeout
 from .metrics import ITL_BUCKETS_S, TTFT_BUCKETS_S, Histogram
 from .plan import Plan, PlanError, make_plan
 from .tokenizer import Tokenizer, load_tokenizer
+from .versions import version_option
 
 HEALTH_POLL_S = 0.2
 LOAD_CALL_TIMEOUT_S = 10.0
@@ -182,7 +183,8 @@ class Engine:
         A worker that already holds the planned shard (coordinator restart)
         answers ready at once and keeps it."""
         self.state = "loading"
-        deadline = time.monotonic() + self.cfg.runtime.load_timeout_s
+        started = time.monotonic()
+        deadline = started + self.cfg.runtime.load_timeout_s
         pending = {s.worker: i for i, s in enumerate(self.plan.stages)}
 
         async def load_one(name: str, i: int) -> None:
@@ -226,6 +228,12 @@ class Engine:
                 logger.info("orphan_released", worker=name, wire_id=wire_id)
         self.state = "ready"
         logger.info("cluster_ready", stages=[(s.worker, s.start, s.end) for s in self.plan.stages])
+        c = self.cfg.coordinator
+        stages = ", ".join(f"{s.worker} [{s.start}, {s.end})" for s in self.plan.stages)
+        log.announce(
+            f"kimi-coordinator ready: http://{c.api_host}:{c.api_port}/v1 serves {self.cfg.model_name} "
+            f"on {stages}; loaded in {time.monotonic() - started:.1f} s"
+        )
 
     async def start(self) -> None:
         self.open_sockets()
@@ -525,6 +533,11 @@ async def serve(cfg: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner = await run_api(engine)
+    c = cfg.coordinator
+    log.announce(
+        f"kimi-coordinator: API listening on http://{c.api_host}:{c.api_port}/v1; "
+        f"loading {len(plan.stages)} workers (tokens come back to {c.result_address})"
+    )
     try:
         starter = asyncio.create_task(engine.start())
         done, _ = await asyncio.wait([starter, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
@@ -542,6 +555,7 @@ async def serve(cfg: Config) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="etc/kimi.toml")
 @click.option("-v", "--verbose", is_flag=True, help="also print every log line on stderr")
+@version_option
 def main(config_path: str, verbose: bool) -> None:
     """Run the coordinator of the cluster config."""
     try:

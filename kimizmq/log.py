@@ -7,6 +7,7 @@ through the coordinator and every stage.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -17,9 +18,34 @@ import structlog
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
+def human(line: str) -> str:
+    """A rendered JSON log line as a person reads it on a terminal:
+    `12:00:01 warning worker_not_answering worker=w1`."""
+    try:
+        e = json.loads(line)
+    except json.JSONDecodeError:
+        return line
+    if not isinstance(e, dict):
+        return line
+    when = str(e.pop("timestamp", ""))[11:19]
+    head = [when, str(e.pop("level", "")), str(e.pop("event", ""))]
+    e.pop("daemon", None)
+    if e.get("request_id") is None:
+        e.pop("request_id", None)
+    rest = [f"{k}={v if isinstance(v, str) and v and ' ' not in v else json.dumps(v)}" for k, v in e.items()]
+    return " ".join(x for x in head + rest if x)
+
+
+def announce(text: str) -> None:
+    """A daemon's one human line on stdout (ready, listening), outside the JSON logs."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 class _TeeLogger:
     """Writes every rendered line to the daemon's log file, and warnings and
-    worse (or everything, when verbose) to stderr as well."""
+    worse (or everything, when verbose) to stderr as well, there as a person
+    reads them (`human`); the file keeps the JSON."""
 
     def __init__(self, file: IO[str] | None, stderr_level: int):
         self._file = file
@@ -30,7 +56,7 @@ class _TeeLogger:
             self._file.write(message + "\n")
             self._file.flush()
         if level >= self._stderr_level:
-            sys.stderr.write(message + "\n")
+            sys.stderr.write(human(message) + "\n")
             sys.stderr.flush()
 
     def _at(level: int):  # noqa: N805 - builds methods

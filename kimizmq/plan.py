@@ -35,6 +35,7 @@ from pathlib import Path
 
 import click
 
+from . import wired
 from .checkpoint import (
     CheckpointError,
     LayerSizes,
@@ -51,7 +52,6 @@ WIRED_LIMIT_HINT = (
     "macOS lets the GPU wire only about 75% of RAM by default; to use more, run "
     "`sudo sysctl iogpu.wired_limit_mb=<MB>` on that Mac and raise [plan] memory_fraction to match"
 )
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "kimi.toml"
 
 
 class PlanError(ValueError):
@@ -494,19 +494,20 @@ def format_plan(plan: Plan, cfg: Config, model_config: dict) -> str:
 @click.option(
     "--config",
     "config_path",
-    default=DEFAULT_CONFIG,
-    show_default=True,
+    default=None,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="the cluster's kimi.toml",
+    help="the cluster's kimi.toml (default: $KIMI_CONFIG, ./kimi.toml, then the user config folder)",
 )
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-def plan_command(config_path: Path, as_json: bool) -> None:
+def plan_command(config_path: Path | None, as_json: bool) -> None:
     """Show which worker holds which layers, and whether it fits; loads nothing.
 
     Exit 0 when the plan fits, 1 when it does not, 2 on a configuration error.
     """
+    from .discovery import NoConfig, find_config
+
     try:
-        cfg = load_config(config_path)
+        cfg = load_config(find_config(config_path))
         model_config = read_config(cfg.model_path)
         plan = make_plan(cfg, layer_sizes(cfg.model_path), model_config=model_config)
         error = None
@@ -515,7 +516,7 @@ def plan_command(config_path: Path, as_json: bool) -> None:
             click.echo(f"kimi plan: {e}", err=True)
             sys.exit(2)
         plan, error = e.plan, e
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, NoConfig) as e:
         click.echo(f"kimi plan: {e}", err=True)
         sys.exit(2)
 
@@ -527,6 +528,19 @@ def plan_command(config_path: Path, as_json: bool) -> None:
         click.echo("fits." if error is None else "does NOT fit.")
         if error is None:
             click.echo(f"note: {WIRED_LIMIT_HINT}.")
+            for s in plan.stages:
+                need = s.weight_bytes + s.reserved_bytes
+                click.echo(
+                    f"  wired memory for {s.worker}: {need / (1 << 20):.0f} MB; if `sysctl -n iogpu.wired_limit_mb` "
+                    f"there is lower (0 means about 75% of RAM), run `{wired.sysctl_command(need)}`"
+                )
+            if not plan.estimated:
+                from .sync import describe_files, local_checkpoint, worker_files
+
+                ck = local_checkpoint(cfg.model_path)
+                click.echo("files each worker needs (kimi sync copies just these):")
+                for name, files in worker_files(cfg, ck)[1].items():
+                    click.echo(f"  files for {name}: {describe_files(files, ck.sizes)}")
     if error is not None:
         click.echo(f"kimi plan: {error}", err=True)
         sys.exit(1)

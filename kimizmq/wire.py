@@ -103,8 +103,9 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "error": Schema({"req": str, "message": str}),
     # control plane
-    "command": Schema({"cmd": str, "id": str}, {"args": dict}),
-    "reply": Schema({"id": str, "ok": bool}, {"result": dict, "error": str}),
+    # `versions` (kimizmq.versions): the sender's protocol, kimizmq and MLX versions.
+    "command": Schema({"cmd": str, "id": str}, {"args": dict, "versions": dict}),
+    "reply": Schema({"id": str, "ok": bool}, {"result": dict, "error": str, "versions": dict}),
 }
 
 

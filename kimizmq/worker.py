@@ -38,12 +38,13 @@ import click
 import mlx.core as mx
 import zmq
 
-from . import log, security, wire
+from . import log, security, versions, wire, wired
 from .checkpoint import CheckpointError, read_config, stage_tensor_names, tensor_index
 from .config import Config, ConfigError, WorkerConfig, load_config
 from .plan import StageAssignment, available_memory_bytes, check_stage_memory
 from .shard import ShardError, compiled_decode, iter_load_shard
 from .stage import ForwardResult, Stage, StageError, Step
+from .versions import version_option
 
 POLL_MS = 100
 MAX_BATCH = 16  # data messages taken per loop round
@@ -217,6 +218,10 @@ class Worker:
             pid=os.getpid(),
             cache_limit_bytes=self.cache_limit,
         )
+        log.announce(
+            f"kimi-worker {self.me.name}: listening on {self.me.control_address} (control), "
+            f"{self.me.data_address} (data); waiting for the coordinator"
+        )
         while self.running:
             busy = self.loader is not None or self.pending
             events = dict(poller.poll(0 if busy else self._poll_ms()))
@@ -295,18 +300,28 @@ class Worker:
         except wire.WireError as e:
             self.counters["bad_messages"] += 1
             logger.warning("bad_command", error=str(e))
-            return wire.encode("reply", {"id": "", "ok": False, "error": f"bad message: {e}"})
+            return _reply({"id": "", "ok": False, "error": f"bad message: {e}"})
         cmd, cid, args = msg.header["cmd"], msg.header["id"], msg.header.get("args") or {}
+        # A peer of other versions is refused; one that names none only for
+        # `load`, so nothing loads for a coordinator that cannot say.
+        theirs = msg.header.get("versions")
+        if theirs is not None or cmd == "load":
+            problem = versions.mismatch(
+                versions.local_versions(), theirs, me=f"worker {self.me.name}", them="the caller"
+            )
+            if problem is not None:
+                logger.warning("command_refused", cmd=cmd, error=problem)
+                return _reply({"id": cid, "ok": False, "error": problem})
         handler = getattr(self, f"cmd_{cmd}", None)
         if handler is None:
             logger.warning("unknown_command", cmd=cmd)
-            return wire.encode("reply", {"id": cid, "ok": False, "error": f"unknown command {cmd!r}"})
+            return _reply({"id": cid, "ok": False, "error": f"unknown command {cmd!r}"})
         try:
             result = handler(args)
         except (ValueError, StageError) as e:
             logger.warning("command_refused", cmd=cmd, error=str(e))
-            return wire.encode("reply", {"id": cid, "ok": False, "error": str(e)})
-        return wire.encode("reply", {"id": cid, "ok": True, "result": result})
+            return _reply({"id": cid, "ok": False, "error": str(e)})
+        return _reply({"id": cid, "ok": True, "result": result})
 
     def cmd_ping(self, args: dict) -> dict:
         return {"name": self.me.name, "state": self.state, "pid": os.getpid(), "time": time.time()}
@@ -460,6 +475,8 @@ class Worker:
             weights = sum(index[n].nbytes for n in names)
             stage = StageAssignment(self.me.name, spec.start, spec.end, weights, spec.reserve_bytes, memory_bytes=0)
             check_stage_memory(stage, available_memory_bytes())  # before a byte is read
+            if (wired_limit := wired.apply(self.cfg.runtime.wired_limit_gb)) is not None:
+                logger.info("wired_limit_set", bytes=wired_limit)
             logger.info("load_started", start=spec.start, end=spec.end, bytes=weights, model=str(model_dir))
 
             loading = iter_load_shard(model_dir, spec.start, spec.end, dtype=spec.dtype)
@@ -481,6 +498,11 @@ class Worker:
                 model_dir=model_dir,
             )
             self.state = "ready"
+            log.announce(
+                f"kimi-worker {self.me.name} ready: layers [{spec.start}, {spec.end}), "
+                f"{shard.nbytes / 2**30:.2f} GiB of weights loaded in {time.monotonic() - t0:.1f} s; "
+                f"control {self.me.control_address}, data {self.me.data_address}"
+            )
             logger.info(
                 "load_finished",
                 seconds=round(time.monotonic() - t0, 3),
@@ -687,6 +709,10 @@ class Worker:
         return True
 
 
+def _reply(fields: dict) -> list:
+    return wire.encode("reply", {**fields, "versions": versions.local_versions()})
+
+
 def _decoded(frames) -> wire.Message | list:
     """A data message decoded, or its frames as they came if they do not decode
     (handle_data counts and reports those)."""
@@ -700,6 +726,7 @@ def _decoded(frames) -> wire.Message | list:
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="etc/kimi.toml")
 @click.option("--name", required=True, help="this worker's name in the config")
 @click.option("-v", "--verbose", is_flag=True, help="also print every log line on stderr")
+@version_option
 def main(config_path: str, name: str, verbose: bool) -> None:
     """Run the worker NAME of the cluster config."""
     try:

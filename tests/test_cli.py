@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -284,6 +285,32 @@ def test_logs_of_workers_on_other_machines_come_over_their_control_sockets(clust
     mirrored = (tmp_path / "log" / "remote" / "worker-w0.jsonl").read_text().splitlines()
     local = (cluster.log_dir / "worker-w0.jsonl").read_text().splitlines()
     assert mirrored == local[: len(mirrored)] and len(mirrored) >= 5  # an exact copy, line for line
+
+
+# -- kimi prompt, and the daemons' own lines -----------------------------------------
+
+
+def test_prompt_dash_reads_stdin_and_verbose_reports_ttft_and_rate(cluster):
+    args = [sys.executable, "-m", "kimizmq.cli", "prompt", "--config", str(cluster.config_path), "--raw"]
+    args += ["--temperature", "0", "--max-tokens", "12"]
+    given = subprocess.run([*args, "Hello there"], capture_output=True, text=True, timeout=120)
+    piped = subprocess.run([*args, "-v", "-"], input="Hello there", capture_output=True, text=True, timeout=120)
+    assert given.returncode == piped.returncode == 0, piped.stderr
+    assert piped.stdout == given.stdout and given.stdout.strip()
+    stats = re.search(r"(\d+) tokens; TTFT (\d+) ms; ([\d.]+) tokens/s after the first", piped.stderr)
+    assert stats and 2 <= int(stats[1]) <= 12 and float(stats[3]) > 0, piped.stderr
+    assert "TTFT" not in given.stderr
+
+
+def test_daemons_print_a_human_line_when_listening_and_when_ready(cluster):
+    for w in cluster.cfg.workers:
+        said = cluster.stderr(f"worker-{w.name}")
+        assert f"kimi-worker {w.name}: listening on {w.control_address} (control)" in said
+        assert re.search(rf"kimi-worker {w.name} ready: layers \[\d, \d\), [\d.]+ GiB of weights loaded in", said)
+    port = cluster.cfg.coordinator.api_port
+    said = cluster.stderr("coordinator")
+    assert f"kimi-coordinator: API listening on http://127.0.0.1:{port}/v1; loading 2 workers" in said
+    assert f"kimi-coordinator ready: http://127.0.0.1:{port}/v1 serves {MODEL} on w0 [0, " in said
 
 
 def test_status_when_a_worker_and_then_the_coordinator_are_down(cluster):
