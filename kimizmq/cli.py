@@ -12,7 +12,6 @@ from pathlib import Path
 import aiohttp
 import click
 
-from .bench import bench_command
 from .config import Config, ConfigError, load_config
 from .log import LEVELS
 from .plan import plan_command
@@ -90,7 +89,21 @@ def _run(coro):
         raise click.ClickException(f"cannot reach the coordinator: {e}; is kimi-coordinator running?") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """`kimi bench` comes from the kimizmq_bench package, imported only when asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "bench"])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "bench":
+            from kimizmq_bench.cli import bench_command
+
+            return bench_command
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """kimizmq: run one model across several Macs."""
 
@@ -484,7 +497,6 @@ def logs_command(config_path, follow, request_id, level, daemons, lines, as_json
 
 
 main.add_command(plan_command, "plan")
-main.add_command(bench_command, "bench")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kimizmq import bench  # noqa: E402
 from kimizmq.config import load_config  # noqa: E402
 from kimizmq.control import call_once  # noqa: E402
 from kimizmq.local import write_config  # noqa: E402
+from kimizmq_bench.driver import Cluster, body, stream  # noqa: E402
+from kimizmq_bench.rows import prompt_ids  # noqa: E402
 
 COUNTERS = [
     "forwards",
@@ -49,7 +50,7 @@ async def drive(api: str, cfg, tokens: int, rounds: list[int]) -> None:
         url = f"{api}/v1/completions"
 
         def one(seed: int, n: int):
-            return bench._stream(session, url, bench._body(bench.prompt_ids(32, seed), n, per_token=False))
+            return stream(session, url, body(prompt_ids(32, seed), n, per_token=False))
 
         await one(0, 16)  # warm up: one request, then a batch
         await asyncio.gather(*(one(50 + i, 16) for i in range(max(rounds))))
@@ -80,7 +81,7 @@ def main() -> int:
     runtime = {"prefill_chunk": 256, "max_context": 1024, "max_concurrent": max(16, *rounds), "decode": "compiled"}
     cfg_path = write_config(work / "kimi.toml", args.model.resolve(), args.stages, runtime=runtime)
     env = {f"w{i}": {"CUDA_VISIBLE_DEVICES": str(i % args.gpus)} for i in range(args.stages)} if args.gpus else {}
-    with bench._Cluster(cfg_path, env, ready_timeout=600) as cluster:
+    with Cluster(cfg_path, env, ready_timeout=600) as cluster:
         asyncio.run(drive(cluster.api, load_config(cfg_path), args.tokens, rounds))
     return 0
 
