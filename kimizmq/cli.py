@@ -12,11 +12,10 @@ from pathlib import Path
 import aiohttp
 import click
 
-from .config import Config, ConfigError, load_config
+from .config import DEFAULT_CONFIG, Config, ConfigError, load_config
 from .log import LEVELS
 from .plan import plan_command
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "kimi.toml"
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "kimi.toml"  # the checkout's own
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what and where."""
