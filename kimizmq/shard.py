@@ -45,11 +45,9 @@ def compute_dtype(name: str) -> mx.Dtype | None:
 
 
 def compiled_decode(mode: str) -> bool:
-    """Whether one-token steps run through Shard.decode (`runtime.decode`).
-
-    Compiled is faster on both kinds of device: on the H100 (Kimi-geometry model,
-    2 stages on one card) 73.8 vs 66.5 tok/s, on 2 CPU cores (test model, 2
-    stages) 202-206 vs 168-181 tok/s. "eager" builds every step op by op."""
+    """Whether one-token steps run through Shard.decode (`runtime.decode`):
+    "compiled" replays traced segments (faster on CPU and GPU alike), "eager"
+    builds every step op by op."""
     if mode not in DECODE_MODES:
         raise ShardError(f"unknown decode mode {mode!r}; expected {', '.join(DECODE_MODES)}")
     return mode == "compiled"
@@ -120,13 +118,9 @@ class Shard:
 
     @property
     def eval_per_layer(self) -> bool:
-        """Start each layer as soon as its graph is built in a prompt pass
-        (`__call__`), so the device computes it while Python builds the next
-        (mlx-lm's generate_step gets this overlap by building step n+1 while
-        step n runs; a stage waits for its input instead). On the CPU a step of
-        the test model gets 15 % faster; on CUDA each evaluation costs ~0.4 ms
-        and the Kimi-geometry model got 35 % slower, so GPUs evaluate a
-        prompt chunk's layers at once."""
+        """Start each layer of a prompt pass (`__call__`) as soon as its graph
+        is built, so the device computes it while Python builds the next: on
+        the CPU only, since on CUDA an eager evaluation costs more than it hides."""
         return mx.default_device() == mx.cpu
 
     @property
@@ -134,12 +128,7 @@ class Shard:
         """Shard.decode starts (`mx.async_eval`) every this many compiled
         segments as soon as they are built: every layer on the CPU, every
         second on a GPU, where one segment is too little work to pay for its
-        evaluation. Two H100s, 2 stages, the same machine and call
-        (`bench-results/h100-2gpu-{shipped-vs-ring,every2-guarded}.json`):
-        decode 73.2 vs 73.0 tok/s evaluating once per step, c=8 107.4 vs 95.0,
-        c=16 141.5 vs 114.3 (the ring: 135.3). It was withdrawn once for MLX
-        CUDA faults in batched decode; those were MLX's tiled quantized matmul
-        reading past its input, which kimizmq.qmm now prevents."""
+        evaluation."""
         return 1 if mx.default_device() == mx.cpu else GPU_DECODE_EVAL_EVERY
 
     @property

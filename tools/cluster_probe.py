@@ -1,14 +1,13 @@
 """A loopback cluster under concurrent requests, with what each worker did: how
 many batched passes, how many request steps in them, how many found their batch
-kept, how often a round waited for the rest of a batch (BENCHMARKS.md, "Batches
-kept whole").
+kept, how often a round waited for the rest of a batch (BENCHMARKS.md, "Why
+aggregate scales").
 
     python tools/cluster_probe.py MODEL_DIR [--stages 2] [--gpus 2] [--tokens 64] [--concurrency 1,4,8,1,8]
 
 Each run sends `c` requests of `--tokens` tokens (32-token prompts) at once over
 HTTP and prints tokens/s, when each first token came, and every worker's
-counters over the run. On two H100s, 8 requests: 128 batched passes of 4 rows,
-all but a few kept (before batches were kept whole: 147-164 passes of ~3 rows).
+counters over the run.
 """
 
 from __future__ import annotations
