@@ -83,39 +83,46 @@ class Comparison:
     detail: str
 
 
+def _ratio(what: str, num: float | None, den: float | None, unit: str) -> Comparison:
+    if num and den:
+        return Comparison(what, num / den, f"{num:.2f} vs {den:.2f}{unit}")
+    return Comparison(what, None, "not measured")
+
+
 def comparisons(rows: list[Row]) -> list[Comparison]:
     """The ratios BENCHMARKS.md's goals are stated in, from one run's rows."""
-    out = []
     ref = _find(rows, "mlx-lm", 1, "decode")
     two = _find(rows, "kimizmq", 2, "decode")
-    what = "decode c=1, kimizmq 2 stages / mlx-lm"
-    if ref and two and ref.decode_tps and two.decode_tps:
-        detail = f"{two.decode_tps:.1f} vs {ref.decode_tps:.1f} tok/s"
-        out.append(Comparison(what, two.decode_tps / ref.decode_tps, detail))
-    else:
-        out.append(Comparison(what, None, "not measured"))
     a1 = _find(rows, "kimizmq", 2, "aggregate", concurrency=1)
     a8 = _find(rows, "kimizmq", 2, "aggregate", concurrency=8)
-    what = "aggregate, kimizmq 2 stages, c=8 / c=1"
-    if a1 and a8 and a1.aggregate_tps and a8.aggregate_tps:
-        detail = f"{a8.aggregate_tps:.1f} vs {a1.aggregate_tps:.1f} tok/s"
-        out.append(Comparison(what, a8.aggregate_tps / a1.aggregate_tps, detail))
-    else:
-        out.append(Comparison(what, None, "not measured"))
     ttft2 = [r for r in rows if (r.system, r.stages, r.metric) == ("kimizmq", 2, "ttft") and r.ttft_s]
-    nochunk = next((r for r in ttft2 if (r.prefill_chunk or 0) >= NO_CHUNK), None)
-    chunked = nochunk and next(
-        (r for r in ttft2 if r.prompt_tokens == nochunk.prompt_tokens and (r.prefill_chunk or 0) < r.prompt_tokens),
+    whole = next((r for r in ttft2 if (r.prefill_chunk or 0) >= NO_CHUNK), None)
+    chunked = whole and next(
+        (r for r in ttft2 if r.prompt_tokens == whole.prompt_tokens and (r.prefill_chunk or 0) < r.prompt_tokens),
         None,
     )
-    if nochunk and chunked and nochunk.ttft_s and chunked.ttft_s:
-        what = f"TTFT {nochunk.prompt_tokens} tokens, kimizmq 2 stages, chunked / whole"
-        detail = f"{chunked.ttft_s:.2f} s vs {nochunk.ttft_s:.2f} s"
-        out.append(Comparison(what, chunked.ttft_s / nochunk.ttft_s, detail))
-    else:
-        out.append(Comparison("TTFT, kimizmq 2 stages, chunked / whole", None, "not measured"))
-    out.append(_ahead_of_pipeline(rows))
-    return out
+    prompt = f" {whole.prompt_tokens} tokens" if whole else ""
+    return [
+        _ratio(
+            "decode c=1, kimizmq 2 stages / mlx-lm",
+            two and two.decode_tps,
+            ref and ref.decode_tps,
+            " tok/s",
+        ),
+        _ratio(
+            "aggregate, kimizmq 2 stages, c=8 / c=1",
+            a8 and a8.aggregate_tps,
+            a1 and a1.aggregate_tps,
+            " tok/s",
+        ),
+        _ratio(
+            f"TTFT{prompt}, kimizmq 2 stages, chunked / whole",
+            chunked and chunked.ttft_s,
+            whole and whole.ttft_s,
+            " s",
+        ),
+        _ahead_of_pipeline(rows),
+    ]
 
 
 def _ahead_of_pipeline(rows: list[Row]) -> Comparison:

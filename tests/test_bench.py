@@ -71,7 +71,7 @@ def test_comparisons_take_the_ratios_from_the_rows_the_goals_name():
         _row("mlx-lm-ring", 2, "ttft", 5.0, prompt=4096),
     ]
     decode, aggregate, ttft, ahead = comparisons(rows)
-    assert decode.ratio == pytest.approx(0.95) and "95.0 vs 100.0" in decode.detail
+    assert decode.ratio == pytest.approx(0.95) and decode.detail == "95.00 vs 100.00 tok/s"
     assert aggregate.ratio == pytest.approx(1.6) and "c=8 / c=1" in aggregate.what
     assert ttft.ratio == pytest.approx(0.6) and "4096" in ttft.what
     assert ahead.ratio == 0.5 and ahead.detail == "behind on ttft/4096"
