@@ -271,15 +271,15 @@ class ShardLoader:
         index = tensor_index(self.model_dir)
         names = stage_tensor_names(index, start, end, first=self.first, last=self.last)
         self.nbytes = sum(index[n].nbytes for n in names)
-        self.by_file: dict[Path, list[str]] = {}
+        self._by_file: dict[Path, list[str]] = {}
         for n in names:
-            self.by_file.setdefault(Path(index[n].file), []).append(n)
+            self._by_file.setdefault(Path(index[n].file), []).append(n)
         self.shard: Shard | None = None
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         model_dir, start, end, first, last = self.model_dir, self.start, self.end, self.first, self.last
         weights: dict[str, mx.array] = {}
-        for file, file_names in self.by_file.items():
+        for file, file_names in self._by_file.items():
             try:
                 lazy = mx.load(str(file))
             except (RuntimeError, ValueError, OSError) as e:
