@@ -12,7 +12,6 @@ from pathlib import Path
 import aiohttp
 import click
 
-from .bench import bench_command
 from .cluster_cli import down_command, init_command, service_group, sync_command, up_command
 from .config import Config, ConfigError, load_config
 from .discovery import config_option, find_config
@@ -110,7 +109,21 @@ def _run(coro):
         raise click.ClickException(f"cannot reach the coordinator: {e}; is kimi-coordinator running?") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """`kimi bench` comes from the kimizmq_bench package, imported only when asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "bench"])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "bench":
+            from kimizmq_bench.cli import bench_command
+
+            return bench_command
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @version_option
 def main() -> None:
     """kimizmq: run one model across several Macs."""
@@ -517,7 +530,6 @@ def logs_command(config_path, follow, request_id, level, daemons, lines, as_json
 
 
 main.add_command(plan_command, "plan")
-main.add_command(bench_command, "bench")
 for _command in (up_command, down_command, sync_command, init_command, service_group):
     main.add_command(_command)
 

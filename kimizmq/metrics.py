@@ -1,4 +1,4 @@
-"""What the coordinator measures, and GET /metrics in Prometheus text format.
+"""What the coordinator measures, and GET /metrics (prometheus_client's text format).
 
 Latencies go into fixed-bucket histograms (constant memory however long the
 coordinator runs); rates come from counters sampled whenever /health or
@@ -11,10 +11,16 @@ import bisect
 import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sized
+from typing import TYPE_CHECKING, Protocol
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
-    from .coordinator import Engine
+    from .plan import Plan
 
 TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -76,102 +82,108 @@ class RateMeter:
         return (value - v0) / (now - t0)
 
 
-# -- Prometheus text format ---------------------------------------------------------
+# -- GET /metrics ----------------------------------------------------------------------
 
 
-def _label_value(v: object) -> str:
-    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class EngineView(Protocol):
+    """What /metrics reads of the coordinator's engine."""
+
+    metrics: dict[str, int]
+    latency: dict[str, Histogram]
+    requests: Sized
+    waiting: int
+    plan: Plan
 
 
-def _number(v: float) -> str:
-    if v == math.inf:
-        return "+Inf"
-    return repr(float(v)) if isinstance(v, float) else str(v)
+def _histogram(name: str, help_text: str, h: Histogram) -> HistogramMetricFamily:
+    buckets = [(floatToGoString(bound), n) for bound, n in h.cumulative()]
+    return HistogramMetricFamily(PREFIX + name, help_text, buckets=buckets, sum_value=h.sum)
 
 
-class Exposition:
-    """Builds the text: one HELP and TYPE per family, then its samples."""
+class _Snapshot(Collector):
+    """The engine's counters and the workers' last answers, as metric families."""
 
-    def __init__(self) -> None:
-        self.lines: list[str] = []
+    def __init__(self, engine: EngineView, state: str, workers: dict[str, dict]):
+        self.engine, self.state, self.workers = engine, state, workers
 
-    def family(self, name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
-        name = PREFIX + name
-        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        for labels, value in samples:
-            self.lines.append(self._sample(name, labels, value))
+    def collect(self) -> Iterator[Metric]:
+        engine, workers = self.engine, self.workers
+        m = engine.metrics
+        state = GaugeMetricFamily(PREFIX + "cluster_state", "1 for the state the cluster is in", labels=["state"])
+        for s in CLUSTER_STATES:
+            state.add_metric([s], int(s == self.state))
+        yield state
+        yield CounterMetricFamily(PREFIX + "requests_total", "Requests admitted to the pipeline", m["requests_total"])
+        yield CounterMetricFamily(
+            PREFIX + "requests_failed_total", "Requests that ended with an error", m["requests_failed"]
+        )
+        yield GaugeMetricFamily(PREFIX + "requests_in_flight", "Requests in the pipeline now", len(engine.requests))
+        yield GaugeMetricFamily(PREFIX + "queue_depth", "Requests waiting for a free slot", engine.waiting)
+        yield CounterMetricFamily(PREFIX + "prompt_tokens_total", "Prompt tokens admitted", m["prompt_tokens"])
+        yield CounterMetricFamily(PREFIX + "generation_tokens_total", "Tokens generated", m["tokens_generated"])
+        yield _histogram(
+            "time_to_first_token_seconds", "From admission to the first generated token", engine.latency["ttft_s"]
+        )
+        yield _histogram(
+            "inter_token_latency_seconds",
+            "Between two generated tokens of one request (a run of tokens shares its gap)",
+            engine.latency["itl_s"],
+        )
 
-    def histogram(self, name: str, help_text: str, h: Histogram) -> None:
-        name = PREFIX + name
-        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        for bound, n in h.cumulative():
-            self.lines.append(self._sample(f"{name}_bucket", {"le": _number(bound)}, n))
-        self.lines.append(self._sample(f"{name}_sum", {}, h.sum))
-        self.lines.append(self._sample(f"{name}_count", {}, h.count))
+        layers = {s.worker: f"{s.start}-{s.end}" for s in engine.plan.stages}
 
-    @staticmethod
-    def _sample(name: str, labels: dict, value: float) -> str:
-        if labels:
-            inner = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
-            return f"{name}{{{inner}}} {_number(value)}"
-        return f"{name} {_number(value)}"
+        def per_worker(cls, name: str, help_text: str, value: Callable[[dict], object]) -> Metric:
+            family = cls(PREFIX + name, help_text, labels=["worker", "layers"])
+            for worker, w in workers.items():
+                v = value(w)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    family.add_metric([worker, layers.get(worker, "")], v)
+            return family
 
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+        def stat(key: str) -> Callable[[dict], object]:
+            return lambda w: w.get(key) if w.get("up") else None
+
+        def loaded(w: dict) -> float | None:
+            p = w.get("progress") or {}
+            return p["done_bytes"] / p["total_bytes"] if p.get("total_bytes") else None
+
+        yield per_worker(
+            GaugeMetricFamily,
+            "worker_up",
+            "1 when the worker answered its last control command",
+            lambda w: int(bool(w.get("up"))),
+        )
+        yield per_worker(
+            GaugeMetricFamily,
+            "worker_ready",
+            "1 when the worker holds its shard and serves",
+            lambda w: int(w.get("state") == "ready"),
+        )
+        yield per_worker(
+            CounterMetricFamily,
+            "stage_compute_seconds_total",
+            "Seconds the stage spent computing forwards",
+            stat("compute_s"),
+        )
+        yield per_worker(CounterMetricFamily, "stage_forwards_total", "Forward passes the stage ran", stat("forwards"))
+        yield per_worker(
+            CounterMetricFamily, "stage_tokens_total", "Token positions the stage computed", stat("tokens_in")
+        )
+        yield per_worker(
+            GaugeMetricFamily, "stage_active_requests", "Requests holding a KV cache on the stage", stat("requests")
+        )
+        yield per_worker(GaugeMetricFamily, "stage_cache_bytes", "Bytes of KV cache on the stage", stat("cache_bytes"))
+        yield per_worker(
+            GaugeMetricFamily, "worker_memory_bytes", "Memory the worker's arrays hold", stat("memory_bytes")
+        )
+        yield per_worker(GaugeMetricFamily, "worker_load_progress_ratio", "Share of the shard's bytes loaded", loaded)
 
 
-def render(engine: Engine, state: str, workers: dict[str, dict]) -> str:
-    """The coordinator's metrics; `workers` maps a worker's name to its last
-    `stats` answer (or what is known of it when it is down)."""
-    m = engine.metrics
-    out = Exposition()
-    out.family(
-        "cluster_state",
-        "gauge",
-        "1 for the state the cluster is in",
-        [({"state": s}, int(s == state)) for s in CLUSTER_STATES],
-    )
-    out.family("requests_total", "counter", "Requests admitted to the pipeline", [({}, m["requests_total"])])
-    out.family("requests_failed_total", "counter", "Requests that ended with an error", [({}, m["requests_failed"])])
-    out.family("requests_in_flight", "gauge", "Requests in the pipeline now", [({}, len(engine.requests))])
-    out.family("queue_depth", "gauge", "Requests waiting for a free slot", [({}, engine.waiting)])
-    out.family("prompt_tokens_total", "counter", "Prompt tokens admitted", [({}, m["prompt_tokens"])])
-    out.family("generation_tokens_total", "counter", "Tokens generated", [({}, m["tokens_generated"])])
-    out.histogram(
-        "time_to_first_token_seconds", "From admission to the first generated token", engine.latency["ttft_s"]
-    )
-    out.histogram(
-        "inter_token_latency_seconds",
-        "Between two generated tokens of one request (a run of tokens shares its gap)",
-        engine.latency["itl_s"],
-    )
-
-    layers = {s.worker: f"{s.start}-{s.end}" for s in engine.plan.stages}
-
-    def per_worker(key: str, only_up: bool = True) -> list[tuple[dict, float]]:
-        rows = []
-        for name, w in workers.items():
-            v = w.get(key)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and (w.get("up") or not only_up):
-                rows.append(({"worker": name, "layers": layers.get(name, "")}, v))
-        return rows
-
-    up = [({"worker": n, "layers": layers.get(n, "")}, int(bool(w.get("up")))) for n, w in workers.items()]
-    out.family("worker_up", "gauge", "1 when the worker answered its last control command", up)
-    ready = [({"worker": n, "layers": layers.get(n, "")}, int(w.get("state") == "ready")) for n, w in workers.items()]
-    out.family("worker_ready", "gauge", "1 when the worker holds its shard and serves", ready)
-    out.family(
-        "stage_compute_seconds_total", "counter", "Seconds the stage spent computing forwards", per_worker("compute_s")
-    )
-    out.family("stage_forwards_total", "counter", "Forward passes the stage ran", per_worker("forwards"))
-    out.family("stage_tokens_total", "counter", "Token positions the stage computed", per_worker("tokens_in"))
-    out.family("stage_active_requests", "gauge", "Requests holding a KV cache on the stage", per_worker("requests"))
-    out.family("stage_cache_bytes", "gauge", "Bytes of KV cache on the stage", per_worker("cache_bytes"))
-    out.family("worker_memory_bytes", "gauge", "Memory the worker's arrays hold", per_worker("memory_bytes"))
-    progress = []
-    for name, w in workers.items():
-        p = w.get("progress") or {}
-        if p.get("total_bytes"):
-            progress.append(({"worker": name, "layers": layers.get(name, "")}, p["done_bytes"] / p["total_bytes"]))
-    out.family("worker_load_progress_ratio", "gauge", "Share of the shard's bytes loaded", progress)
-    return out.text()
+def render(engine: EngineView, state: str, workers: dict[str, dict]) -> str:
+    """The coordinator's metrics and its process's (CPU, memory, open files) in
+    Prometheus text format; `workers` maps a worker's name to its last `stats`
+    answer (or what is known of it when it is down)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(engine, state, workers))
+    ProcessCollector(registry=registry)
+    return generate_latest(registry).decode()

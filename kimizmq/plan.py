@@ -25,9 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import re
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +82,11 @@ class StageAssignment:
         return self.memory_bytes - self.weight_bytes - self.reserved_bytes
 
     @property
+    def layers_phrase(self) -> str:
+        """ "layers 0-43", or "layer 5" for one."""
+        return f"layer{'s' if self.num_layers > 1 else ''} {self.layers_label}"
+
+    @property
     def layers_label(self) -> str:
         return _span(self.start, self.end)
 
@@ -131,7 +133,7 @@ def _span(start: int, end: int) -> str:
     return str(start) if end - start == 1 else f"{start}-{end - 1}"
 
 
-def _gib(n: float) -> str:
+def format_gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
@@ -292,9 +294,9 @@ def make_plan(config: Config, sizes: LayerSizes | None = None, *, model_config: 
     for w, u in zip(workers, usable):
         if u <= margin:
             raise PlanError(
-                f"{config.path}: worker {w.name!r} may use {_gib(u)} "
+                f"{config.path}: worker {w.name!r} may use {format_gib(u)} "
                 f"({config.plan.memory_fraction:.0%} of its memory), no more than the "
-                f"{_gib(margin)} runtime margin; raise memory_gb/max_memory_gb or "
+                f"{format_gib(margin)} runtime margin; raise memory_gb/max_memory_gb or "
                 f"memory_fraction. {WIRED_LIMIT_HINT}"
             )
 
@@ -348,10 +350,6 @@ def make_plan(config: Config, sizes: LayerSizes | None = None, *, model_config: 
     return plan
 
 
-def _layers_phrase(s: StageAssignment) -> str:
-    return f"layer{'s' if s.num_layers > 1 else ''} {s.layers_label}"
-
-
 def _shortfall_message(cfg: Config, plan: Plan) -> str:
     parts = []
     explicit = False
@@ -360,97 +358,23 @@ def _shortfall_message(cfg: Config, plan: Plan) -> str:
             fixed = cfg.worker(s.worker).layers is not None
             explicit = explicit or fixed
             parts.append(
-                f"worker {s.worker!r} is {_gib(-s.free_bytes)} short: for "
-                f"{_layers_phrase(s)}{' (set in kimi.toml)' if fixed else ''} it needs "
-                f"{_gib(s.weight_bytes)} of weights + {_gib(s.reserved_bytes)} reserved "
-                f"and may use {_gib(s.memory_bytes)}"
+                f"worker {s.worker!r} is {format_gib(-s.free_bytes)} short: for "
+                f"{s.layers_phrase}{' (set in kimi.toml)' if fixed else ''} it needs "
+                f"{format_gib(s.weight_bytes)} of weights + {format_gib(s.reserved_bytes)} reserved "
+                f"and may use {format_gib(s.memory_bytes)}"
             )
     need = sum(s.weight_bytes + s.reserved_bytes for s in plan.stages)
     have = sum(s.memory_bytes for s in plan.stages)
     if need > have:
-        total = f"In all {_gib(need - have)} is missing ({_gib(need)} needed, {_gib(have)} usable)."
+        total = f"In all {format_gib(need - have)} is missing ({format_gib(need)} needed, {format_gib(have)} usable)."
     else:
-        total = f"In all {_gib(have)} is usable for {_gib(need)} needed, but no split into whole layers fits."
+        total = (
+            f"In all {format_gib(have)} is usable for {format_gib(need)} needed, but no split into whole layers fits."
+        )
     fixes = "add memory or a worker, lower [runtime] max_context or max_concurrent"
     if explicit:
         fixes += ", give fewer explicit layers to the short worker"
     return f"the model does not fit: {'; '.join(parts)}. {total} To fix: {fixes}; or: {WIRED_LIMIT_HINT}."
-
-
-# --- this machine -------------------------------------------------------------
-
-_VM_PAGE_SIZE = re.compile(r"page size of (\d+) bytes")
-_VM_LINE = re.compile(r"^(Pages [a-z ]+):\s+(\d+)\.", re.MULTILINE)
-VM_STAT_TIMEOUT_S = 5.0
-
-
-def vm_stat_available_bytes(out: str) -> int:
-    """Free + inactive + speculative pages in `vm_stat` output, in bytes."""
-    page = _VM_PAGE_SIZE.search(out)
-    if page is None:
-        raise OSError(f"cannot read vm_stat output (no page size): {out[:200]!r}")
-    pages = {k: int(v) for k, v in _VM_LINE.findall(out)}
-    wanted = ("Pages free", "Pages inactive", "Pages speculative")
-    return int(page.group(1)) * sum(pages.get(k, 0) for k in wanted)
-
-
-def _darwin_available_bytes() -> int:
-    """Free + inactive + speculative pages from vm_stat: what macOS can hand
-    out without swapping. Capped by the GPU's wired-memory limit, which is
-    where Metal weights live."""
-    try:
-        out = subprocess.run(
-            ["vm_stat"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=VM_STAT_TIMEOUT_S,
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise OSError(f"cannot read free memory from vm_stat: {e}") from None
-    free = vm_stat_available_bytes(out)
-    try:
-        import mlx.core as mx
-
-        limit = mx.device_info().get("max_recommended_working_set_size")
-    except (ImportError, RuntimeError, AttributeError, ValueError):
-        limit = None
-    return min(free, int(limit)) if limit else free
-
-
-def available_memory_bytes() -> int:
-    """Memory this machine can give a new shard now, without swapping.
-
-    Linux: MemAvailable from /proc/meminfo. macOS: free + inactive +
-    speculative pages from `vm_stat`, at most the GPU wired-memory limit
-    (mx.device_info()'s max_recommended_working_set_size, which follows
-    `sysctl iogpu.wired_limit_mb`). Elsewhere: available physical pages.
-    """
-    if sys.platform == "darwin":
-        return _darwin_available_bytes()
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_stage_memory(stage: StageAssignment, available: int | None = None) -> None:
-    """Raise PlanError when this machine cannot hold `stage` now: refusing
-    beats swapping a few hundred GB."""
-    if available is None:
-        available = available_memory_bytes()
-    need = stage.weight_bytes + stage.reserved_bytes
-    if need > available:
-        raise PlanError(
-            f"not enough free memory: worker {stage.worker!r} needs {_gib(need)} for {_layers_phrase(stage)} "
-            f"({_gib(stage.weight_bytes)} weights + {_gib(stage.reserved_bytes)} reserved) "
-            f"but only {_gib(available)} is free now ({_gib(need - available)} short); "
-            "close other programs or give this worker fewer layers"
-        )
 
 
 # --- kimi plan ----------------------------------------------------------------

@@ -1,35 +1,12 @@
-"""Quantized matmuls shaped so MLX's CUDA kernels compute them right.
+"""Quantized matmuls shaped around two faults of MLX's CUDA quantized matmul
+(mlx 0.32.4; BENCHMARKS.md, "Two MLX CUDA faults"): per-head weights with a
+batch in front are computed with one head's weights, so `quantized_matmul`
+folds the batch into the rows; the tiled kernel reads one K tile past x, so x
+gets room after it. Elsewhere the products are bit-identical (tests/test_qmm.py).
 
-Two faults of mlx 0.32.4's CUDA quantized matmul, found on an H100 in the
-first stage's batched decode (BENCHMARKS.md, "Two MLX CUDA faults"):
-
-- Per-head weights with a batch in front: `embed_q` and `unembed_out`, Kimi's
-  per-head projections, multiply x of shape (B, 64 heads, M, K) by weights of
-  (64, N, K). For B > 1 MLX broadcasts the weights over B and its kernels
-  then use one head's weights for every matrix: relative error ~1.4 against
-  the dequantized product (0.003 for B = 1). So batched decode computed wrong
-  attention. `quantized_matmul` folds B into the rows instead,
-  (64 heads, B * M, K), which the kernels get right.
-- Reading past x: the tiled kernel (`qmm_sm80`, taken once a call has 8 or
-  more rows in all) loads one K tile past the end of x's last row.
-  compute-sanitizer: "Invalid __global__ read ... 1 bytes after the nearest
-  allocation" (64 KiB, `embed_q` of four requests). Where that crosses into
-  an unmapped page the kernel faults, "an illegal memory access was
-  encountered", the CUDA context is lost and the worker with it; whether it
-  does depends on where the allocator put x, so it came and went between
-  runs. `quantized_matmul` hands the kernel x as a view at the start of a
-  buffer with four K tiles of room after it (0 sanitizer errors on every
-  shape a stage runs, 3, 4 and 6 bits).
-
-Both give the same products as before wherever MLX was right (the CPU:
-bit-identical; tests/test_qmm.py). `guard` swaps a loaded model's quantized
-layers to these calls; a shard does that on CUDA only.
-
-`guard` also gives mlx-lm's SwitchGLU its expert indices ready
-(`LeanSwitchGLU`): on CUDA a decode step is as long as MLX takes to issue its
-~800 kernels, and mlx-lm's routed experts spend ~4 of them per layer making
-index arrays (BENCHMARKS.md, "Where a GPU decode step goes"). The same
-products to the bit, 12 % less time per token in process on an H100.
+`guard` swaps a loaded model's quantized layers to these calls (a shard does
+that on CUDA only) and gives mlx-lm's SwitchGLU its expert indices ready
+(`LeanSwitchGLU`): fewer kernels per token where issuing them is the step's cost.
 """
 
 from __future__ import annotations
@@ -138,12 +115,10 @@ def _switch(layer: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
 
 
 class LeanSwitchGLU(SwitchGLU):
-    """mlx-lm's SwitchGLU with its expert indices handed over ready: for each
-    of its three `gather_qmm` calls MLX's CUDA backend otherwise makes the lhs
-    indices (an arange), copies them and the rhs indices (a slice of the
-    router's argpartition) contiguous. Here the rhs indices are copied once
-    and the lhs indices are a constant: the same products, to the bit, with
-    ~4 fewer kernels per MoE layer and token (MLX issues each for ~10 us)."""
+    """mlx-lm's SwitchGLU with its expert indices handed over ready: the rhs
+    indices copied contiguous once, the lhs indices a constant, where MLX would
+    make and copy both for each of the three `gather_qmm` calls. The same
+    products to the bit, ~4 fewer kernels per MoE layer and token."""
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         plain = (

@@ -8,7 +8,7 @@ outside the slice are never read from disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,11 +45,9 @@ def compute_dtype(name: str) -> mx.Dtype | None:
 
 
 def compiled_decode(mode: str) -> bool:
-    """Whether one-token steps run through Shard.decode (`runtime.decode`).
-
-    Compiled is faster on both kinds of device: on the H100 (Kimi-geometry model,
-    2 stages on one card) 73.8 vs 66.5 tok/s, on 2 CPU cores (test model, 2
-    stages) 202-206 vs 168-181 tok/s. "eager" builds every step op by op."""
+    """Whether one-token steps run through Shard.decode (`runtime.decode`):
+    "compiled" replays traced segments (faster on CPU and GPU alike), "eager"
+    builds every step op by op."""
     if mode not in DECODE_MODES:
         raise ShardError(f"unknown decode mode {mode!r}; expected {', '.join(DECODE_MODES)}")
     return mode == "compiled"
@@ -120,13 +118,9 @@ class Shard:
 
     @property
     def eval_per_layer(self) -> bool:
-        """Start each layer as soon as its graph is built in a prompt pass
-        (`__call__`), so the device computes it while Python builds the next
-        (mlx-lm's generate_step gets this overlap by building step n+1 while
-        step n runs; a stage waits for its input instead). On the CPU a step of
-        the test model gets 15 % faster; on CUDA each evaluation costs ~0.4 ms
-        and the Kimi-geometry model got 35 % slower, so GPUs evaluate a
-        prompt chunk's layers at once."""
+        """Start each layer of a prompt pass (`__call__`) as soon as its graph
+        is built, so the device computes it while Python builds the next: on
+        the CPU only, since on CUDA an eager evaluation costs more than it hides."""
         return mx.default_device() == mx.cpu
 
     @property
@@ -134,12 +128,7 @@ class Shard:
         """Shard.decode starts (`mx.async_eval`) every this many compiled
         segments as soon as they are built: every layer on the CPU, every
         second on a GPU, where one segment is too little work to pay for its
-        evaluation. Two H100s, 2 stages, the same machine and call
-        (`bench-results/h100-2gpu-{shipped-vs-ring,every2-guarded}.json`):
-        decode 73.2 vs 73.0 tok/s evaluating once per step, c=8 107.4 vs 95.0,
-        c=16 141.5 vs 114.3 (the ring: 135.3). It was withdrawn once for MLX
-        CUDA faults in batched decode; those were MLX's tiled quantized matmul
-        reading past its input, which kimizmq.qmm now prevents."""
+        evaluation."""
         return 1 if mx.default_device() == mx.cpu else GPU_DECODE_EVAL_EVERY
 
     @property
@@ -258,6 +247,86 @@ def _quantize(model: nn.Module, config: dict, weights: dict[str, mx.array]) -> N
     )
 
 
+class ShardLoader:
+    """Layers [start, end) of the checkpoint at `model_dir`, read a module at a time.
+
+    Making one reads only config.json and the safetensors headers, so `nbytes`
+    (the shard's weight bytes) is known before a tensor is read. Iterating reads
+    the shard, yielding (done_bytes, total_bytes) after each module, and leaves
+    it in `shard`. A daemon iterates on its own loop's thread between messages:
+    MLX arrays and streams belong to the thread that made them (on CUDA,
+    evaluating another thread's arrays is not safe)."""
+
+    def __init__(self, model_dir: str | Path, start: int, end: int, *, dtype: str = "auto"):
+        self.model_dir = Path(model_dir)
+        try:
+            self.config = load_config(self.model_dir)
+        except FileNotFoundError:
+            raise ShardError(f"{self.model_dir}: no config.json; is [model] path right?") from None
+        n_layers = self.config.get("num_hidden_layers")
+        if not isinstance(n_layers, int) or not 0 <= start < end <= n_layers:
+            raise ShardError(f"layer range [{start}, {end}) is not inside the model's {n_layers} layers")
+        self.start, self.end, self.dtype = start, end, dtype
+        self.first, self.last = start == 0, end == n_layers
+        index = tensor_index(self.model_dir)
+        names = stage_tensor_names(index, start, end, first=self.first, last=self.last)
+        self.nbytes = sum(index[n].nbytes for n in names)
+        self._by_file: dict[Path, list[str]] = {}
+        for n in names:
+            self._by_file.setdefault(Path(index[n].file), []).append(n)
+        self.shard: Shard | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        model_dir, start, end, first, last = self.model_dir, self.start, self.end, self.first, self.last
+        weights: dict[str, mx.array] = {}
+        for file, file_names in self._by_file.items():
+            try:
+                lazy = mx.load(str(file))
+            except (RuntimeError, ValueError, OSError) as e:
+                raise ShardError(f"{file}: cannot read safetensors: {e}") from None
+            for n in file_names:
+                if n not in lazy:
+                    raise ShardError(f"{file}: tensor {n} listed in the index is missing")
+                weights[n] = lazy[n]
+
+        model_class, args_class = _get_classes(self.config)
+        model = model_class(args_class.from_dict(self.config))
+        _trim(model, start, end, first, last)
+        if hasattr(model, "sanitize"):
+            weights = model.sanitize(weights)
+        _quantize(model, self.config, weights)
+        if qmm.needed():
+            qmm.guard(model)  # around two faults of MLX's CUDA quantized matmul (kimizmq/qmm.py)
+        model.eval()
+        try:
+            model.load_weights(list(weights.items()), strict=True)
+        except ValueError as e:
+            raise ShardError(f"{model_dir}: checkpoint does not match the model: {e}") from None
+
+        target = compute_dtype(self.dtype)
+        if target is not None:
+            model.set_dtype(target)  # lazy: the cast happens as each tensor is read
+
+        # Reading happens here, a module at a time, so progress is real.
+        parts: list[nn.Module] = []
+        if "embed_tokens" in model.model:
+            parts.append(model.model.embed_tokens)
+        parts.extend(model.model.layers[start:end])
+        parts.extend(m for m in (model.model.get("norm"), model.get("lm_head")) if m is not None)
+        sizes = [sum(v.nbytes for _, v in tree_flatten(p.parameters())) for p in parts]
+        done = 0
+        for part, size in zip(parts, sizes):
+            try:
+                mx.eval(part.parameters())
+            except (RuntimeError, ValueError) as e:
+                raise ShardError(f"{model_dir}: reading weights failed: {e}") from None
+            done += size
+            yield self.nbytes * done // sum(sizes), self.nbytes
+        # Constants the modules made for themselves (rope frequencies, ...) too.
+        mx.eval([v for _, v in tree_flatten(model) if isinstance(v, mx.array)])
+        self.shard = Shard(model, self.config, start, end, first, last, nbytes=self.nbytes)
+
+
 def load_shard(
     model_dir: str | Path,
     start: int,
@@ -269,87 +338,29 @@ def load_shard(
     """Load layers [start, end) of the checkpoint at `model_dir`.
 
     `progress(done_bytes, total_bytes)` is called as layers are read."""
-    loading = iter_load_shard(model_dir, start, end, dtype=dtype)
-    while True:
-        try:
-            done, total = next(loading)
-        except StopIteration as finished:
-            return finished.value
+    loader = ShardLoader(model_dir, start, end, dtype=dtype)
+    for done, total in loader:
         if progress is not None:
             progress(done, total)
+    return loader.shard
 
 
 def iter_load_shard(
     model_dir: str | Path, start: int, end: int, *, dtype: str = "auto"
 ) -> Generator[tuple[int, int], None, Shard]:
-    """`load_shard` a module at a time: yields (done_bytes, total_bytes) after
-    each one is read and returns the Shard. A daemon runs it on its own loop's
-    thread between messages: MLX arrays and streams belong to the thread that
-    made them (on CUDA, evaluating another thread's arrays is not safe)."""
-    model_dir = Path(model_dir)
-    try:
-        config = load_config(model_dir)
-    except FileNotFoundError:
-        raise ShardError(f"{model_dir}: no config.json; is [model] path right?") from None
-    n_layers = config.get("num_hidden_layers")
-    if not isinstance(n_layers, int) or not 0 <= start < end <= n_layers:
-        raise ShardError(f"layer range [{start}, {end}) is not inside the model's {n_layers} layers")
-    first, last = start == 0, end == n_layers
-    index = tensor_index(model_dir)
-    names = stage_tensor_names(index, start, end, first=first, last=last)
-    total = sum(index[n].nbytes for n in names)
-
-    by_file: dict[Path, list[str]] = {}
-    for n in names:
-        by_file.setdefault(Path(index[n].file), []).append(n)
-    weights: dict[str, mx.array] = {}
-    for file, file_names in by_file.items():
-        try:
-            lazy = mx.load(str(file))
-        except (RuntimeError, ValueError, OSError) as e:
-            raise ShardError(f"{file}: cannot read safetensors: {e}") from None
-        for n in file_names:
-            if n not in lazy:
-                raise ShardError(f"{file}: tensor {n} listed in the index is missing")
-            weights[n] = lazy[n]
-
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
-    _trim(model, start, end, first, last)
-    if hasattr(model, "sanitize"):
-        weights = model.sanitize(weights)
-    _quantize(model, config, weights)
-    if qmm.needed():
-        qmm.guard(model)  # around two faults of MLX's CUDA quantized matmul (kimizmq/qmm.py)
-    model.eval()
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise ShardError(f"{model_dir}: checkpoint does not match the model: {e}") from None
-
-    target = compute_dtype(dtype)
-    if target is not None:
-        model.set_dtype(target)  # lazy: the cast happens as each tensor is read
-
-    # Reading happens here, a module at a time, so progress is real. Everything
-    # is evaluated on this thread: MLX streams belong to the thread that made them.
-    parts: list[nn.Module] = []
-    if "embed_tokens" in model.model:
-        parts.append(model.model.embed_tokens)
-    parts.extend(model.model.layers[start:end])
-    parts.extend(m for m in (model.model.get("norm"), model.get("lm_head")) if m is not None)
-    sizes = [sum(v.nbytes for _, v in tree_flatten(p.parameters())) for p in parts]
-    done = 0
-    for part, size in zip(parts, sizes):
-        try:
-            mx.eval(part.parameters())
-        except (RuntimeError, ValueError) as e:
-            raise ShardError(f"{model_dir}: reading weights failed: {e}") from None
-        done += size
-        yield total * done // sum(sizes), total
-    # Constants the modules made for themselves (rope frequencies, ...) too.
-    mx.eval([v for _, v in tree_flatten(model) if isinstance(v, mx.array)])
-    return Shard(model, config, start, end, first, last, nbytes=total)
+    """A `ShardLoader`'s progress as a generator that returns the Shard."""
+    loader = ShardLoader(model_dir, start, end, dtype=dtype)
+    yield from loader
+    return loader.shard
 
 
-__all__ = ["DECODE_MODES", "Shard", "ShardError", "compiled_decode", "compute_dtype", "iter_load_shard", "load_shard"]
+__all__ = [
+    "DECODE_MODES",
+    "Shard",
+    "ShardError",
+    "ShardLoader",
+    "compiled_decode",
+    "compute_dtype",
+    "iter_load_shard",
+    "load_shard",
+]

@@ -41,7 +41,8 @@ import zmq
 from . import log, security, versions, wire, wired
 from .checkpoint import CheckpointError, read_config, stage_tensor_names, tensor_index
 from .config import Config, ConfigError, WorkerConfig, load_config
-from .plan import StageAssignment, available_memory_bytes, check_stage_memory
+from .memory import available_memory_bytes, check_stage_memory
+from .plan import StageAssignment
 from .shard import ShardError, compiled_decode, iter_load_shard
 from .stage import ForwardResult, Stage, StageError, Step
 from .versions import version_option

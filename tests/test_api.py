@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -344,8 +345,8 @@ def test_metrics_count_requests_tokens_and_latencies(cluster, client):
     def caught_up() -> dict | None:
         m = scrape()
         done = all(
-            m.get(f'kimi_stage_forwards_total{{worker="{w}",layers="{layers}"}}') == forwards[w] + 7  # 1 + 6 steps
-            and m.get(f'kimi_stage_active_requests{{worker="{w}",layers="{layers}"}}') == 0  # and released
+            m.get(f'kimi_stage_forwards_total{{layers="{layers}",worker="{w}"}}') == forwards[w] + 7  # 1 + 6 steps
+            and m.get(f'kimi_stage_active_requests{{layers="{layers}",worker="{w}"}}') == 0  # and released
             for w, layers in stages.items()
         )
         return m if done else None
@@ -363,9 +364,11 @@ def test_metrics_count_requests_tokens_and_latencies(cluster, client):
     assert ttft == sorted(ttft) and ttft[-1] == after["kimi_time_to_first_token_seconds_count"]
     assert after['kimi_cluster_state{state="ready"}'] == 1 and after["kimi_queue_depth"] == 0
     for worker, layers in stages.items():
-        labels = f'{{worker="{worker}",layers="{layers}"}}'
+        labels = f'{{layers="{layers}",worker="{worker}"}}'
         assert after[f"kimi_worker_up{labels}"] == 1 and after[f"kimi_worker_ready{labels}"] == 1
         assert after[f"kimi_stage_compute_seconds_total{labels}"] > 0
+    if sys.platform == "linux":  # the coordinator's own process, read from /proc
+        assert after["process_resident_memory_bytes"] > 0 and after["process_cpu_seconds_total"] > 0
 
 
 # -- not ready yet -----------------------------------------------------------------------

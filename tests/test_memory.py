@@ -10,7 +10,8 @@ import mlx.core as mx
 import pytest
 
 from kimizmq.local import LocalCluster, write_config
-from kimizmq.plan import available_memory_bytes, make_plan
+from kimizmq.memory import available_memory_bytes
+from kimizmq.plan import make_plan
 from kimizmq.shard import load_shard
 from tests.support import complete_ids, log_events, worker_stats
 

@@ -21,14 +21,8 @@ from kimizmq.checkpoint import (
 )
 from kimizmq.cli import main
 from kimizmq.config import load_config
-from kimizmq.plan import (
-    GIB,
-    PlanError,
-    available_memory_bytes,
-    check_stage_memory,
-    make_plan,
-    vm_stat_available_bytes,
-)
+from kimizmq.memory import available_memory_bytes, check_stage_memory, vm_stat_available_bytes
+from kimizmq.plan import GIB, PlanError, make_plan
 
 REFERENCE = Path(__file__).resolve().parents[1] / "etc" / "reference"  # a copy of ../shared/reference
 KIMI_CONFIG = REFERENCE / "kimi-k2-instruct.config.json"

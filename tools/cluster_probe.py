@@ -1,14 +1,13 @@
 """A loopback cluster under concurrent requests, with what each worker did: how
 many batched passes, how many request steps in them, how many found their batch
-kept, how often a round waited for the rest of a batch (BENCHMARKS.md, "Batches
-kept whole").
+kept, how often a round waited for the rest of a batch (BENCHMARKS.md, "Why
+aggregate scales").
 
     python tools/cluster_probe.py MODEL_DIR [--stages 2] [--gpus 2] [--tokens 64] [--concurrency 1,4,8,1,8]
 
 Each run sends `c` requests of `--tokens` tokens (32-token prompts) at once over
 HTTP and prints tokens/s, when each first token came, and every worker's
-counters over the run. On two H100s, 8 requests: 128 batched passes of 4 rows,
-all but a few kept (before batches were kept whole: 147-164 passes of ~3 rows).
+counters over the run.
 """
 
 from __future__ import annotations
@@ -21,10 +20,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kimizmq import bench  # noqa: E402
 from kimizmq.config import load_config  # noqa: E402
 from kimizmq.control import call_once  # noqa: E402
 from kimizmq.local import write_config  # noqa: E402
+from kimizmq_bench.driver import Cluster, body, stream  # noqa: E402
+from kimizmq_bench.rows import prompt_ids  # noqa: E402
 
 COUNTERS = [
     "forwards",
@@ -49,7 +49,7 @@ async def drive(api: str, cfg, tokens: int, rounds: list[int]) -> None:
         url = f"{api}/v1/completions"
 
         def one(seed: int, n: int):
-            return bench._stream(session, url, bench._body(bench.prompt_ids(32, seed), n, per_token=False))
+            return stream(session, url, body(prompt_ids(32, seed), n, per_token=False))
 
         await one(0, 16)  # warm up: one request, then a batch
         await asyncio.gather(*(one(50 + i, 16) for i in range(max(rounds))))
@@ -80,7 +80,7 @@ def main() -> int:
     runtime = {"prefill_chunk": 256, "max_context": 1024, "max_concurrent": max(16, *rounds), "decode": "compiled"}
     cfg_path = write_config(work / "kimi.toml", args.model.resolve(), args.stages, runtime=runtime)
     env = {f"w{i}": {"CUDA_VISIBLE_DEVICES": str(i % args.gpus)} for i in range(args.stages)} if args.gpus else {}
-    with bench._Cluster(cfg_path, env, ready_timeout=600) as cluster:
+    with Cluster(cfg_path, env, ready_timeout=600) as cluster:
         asyncio.run(drive(cluster.api, load_config(cfg_path), args.tokens, rounds))
     return 0
 

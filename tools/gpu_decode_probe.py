@@ -1,6 +1,6 @@
 """Where a decode step's time goes, kimizmq's stage against mlx-lm, in one process on one
-device (BENCHMARKS.md, "Where a GPU decode step goes"). Runs anywhere MLX does; the
-figures that matter come from a GPU.
+device (BENCHMARKS.md, "Why decode at one request trails mlx-lm"). Runs anywhere MLX
+does; the figures that matter come from a GPU.
 
     python tools/gpu_decode_probe.py build-eval MODEL_DIR   # build vs evaluate, ms a token
     python tools/gpu_decode_probe.py by-layer MODEL_DIR     # batched vs lone, layer by layer
@@ -12,13 +12,6 @@ figures that matter come from a GPU.
 `primitives` counts the operations in one decode step's graph. With --ncu it also runs one
 step of each between cudaProfilerStart/Stop, for
 `ncu --profile-from-start off --metrics gpu__time_duration.sum --csv python tools/... --ncu`.
-
-On an H100 (16-layer Kimi-geometry model):
-- build-eval: mlx-lm 1.71 + 8.64 ms, kimizmq 1.32 + 8.76 ms; mlx-lm's own loop 9.17 ms a token.
-- by-layer: attention 0.007 relative, MLP <= 0.0013, the same experts.
-- lean: 13.24 vs 15.04 ms a token, logprobs equal to mlx-lm's to the bit.
-- hop: stages of 8 layers 5.5-5.7 ms each, encode 0.16, decode 0.19, token back 0.20.
-- batch: 10.0 / 13.2 / 17.9 / 42.7 ms a step for 1 / 2 / 4 / 8 requests.
 """
 
 from __future__ import annotations

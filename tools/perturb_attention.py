@@ -4,13 +4,7 @@ different bf16 kernel changes) move a model's top logprob, teacher-forced, on th
 float32? Slow on 2 cores for the 16-layer Kimi-geometry model (~16 min).
 
     python tools/perturb_attention.py MODEL_DIR 0.001,0.004
-
-On the 16-layer Kimi-geometry model (2 prompts, 5 steps each): eps 0.001 moved it at most
-0.014, eps 0.004 at most 0.147, every greedy token unchanged. The H100's batched decode
-differed from lone decode by 1.125 and in 8-9 of 36 tokens (BENCHMARKS.md). That was
-read as "not rounding"; layer by layer on the H100 (tools/gpu_decode_probe.py by-layer) no
-component differs by more than bf16 rounding, so the flips are bf16 rounding carried
-through the model, which this float32 experiment does not reproduce."""
+"""
 
 from __future__ import annotations
 
