@@ -16,6 +16,24 @@ import zmq.asyncio
 from . import wire
 
 DEFAULT_TIMEOUT_S = 5.0
+# ZMQ heartbeats and TCP keepalive on long-lived links: a dead peer is noticed
+# and a healed link resumes within seconds, not after TCP's retransmit backoff.
+ZMQ_HEARTBEAT_IVL_MS = 2000
+ZMQ_HEARTBEAT_TIMEOUT_MS = 10000
+TCP_KEEPALIVE_IDLE_S = 10
+TCP_KEEPALIVE_INTVL_S = 5
+TCP_KEEPALIVE_CNT = 3
+
+
+def keep_alive(sock: zmq.Socket) -> None:
+    """ZMQ heartbeats and TCP keepalive on a long-lived socket."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ZMQ_HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMQ_HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, ZMQ_HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTVL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_CNT)
 
 
 class ControlError(RuntimeError):
@@ -75,6 +93,7 @@ class ControlClient:
         if self._sock is None:
             s = self.ctx.socket(zmq.REQ)
             s.setsockopt(zmq.LINGER, 0)
+            keep_alive(s)
             if self._secure is not None:
                 self._secure(s, self.name)
             s.connect(self.address)
