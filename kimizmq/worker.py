@@ -287,8 +287,8 @@ class Worker:
             events = dict(poller.poll(POLL_MS))
             if self.commands_peer in events:
                 self.control.send_multipart(self.commands_peer.recv_multipart())
-            if self.control in events:
-                envelope, frames = _split_envelope(self.control.recv_multipart())
+            if self.control in events and (split := _split_envelope(self.control.recv_multipart())):
+                envelope, frames = split
                 reply = self._thread_command(frames)
                 if reply is None:
                     self.commands_peer.send_multipart(envelope + frames)
@@ -841,13 +841,14 @@ class Worker:
         return True
 
 
-def _split_envelope(frames: list) -> tuple[list, list]:
+def _split_envelope(frames: list) -> tuple[list, list] | None:
     """A ROUTER message's routing envelope (up to the empty delimiter) and the
-    message after it."""
+    message after it; None without a delimiter (not from a REQ socket: dropped,
+    as a REP socket drops it)."""
     for i, frame in enumerate(frames[1:], 1):
         if not len(frame):
             return frames[: i + 1], frames[i + 1 :]
-    return frames[:1], frames[1:]
+    return None
 
 
 def _decoded(frames) -> wire.Message | list:
