@@ -28,6 +28,7 @@ DEFAULT_MAX_TOKENS = 256
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 logger = log.get_logger()
+RETRY_AFTER_S = 2  # seconds, on a 429 (queue full) or a 503 (cluster not ready)
 
 
 class ApiError(Exception):
@@ -47,7 +48,9 @@ class ApiError(Exception):
             429: "rate_limit_error",
         }.get(self.status, "server_error")
         body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return web.json_response(body, status=self.status)
+        # Busy or recovering, not broken: the client is told when to try again.
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status in (429, 503) else None
+        return web.json_response(body, status=self.status, headers=headers)
 
 
 # -- parameter validation -----------------------------------------------------------
@@ -133,6 +136,8 @@ def _chat_prompt(engine: Engine, body: dict) -> list[int]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ApiError(400, f"messages[{i}] must be an object with a role", f"messages[{i}]")
+        if not m["role"] or not m["role"].isprintable():
+            raise ApiError(400, f"messages[{i}].role must be printable text, got {m['role']!r}", f"messages[{i}].role")
         content = m.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(
@@ -444,6 +449,7 @@ def _worker_row(app: web.Application, name: str, w: dict) -> dict:
         "tokens_per_s": rate,
         "last_seen": w.get("last_seen") or w.get("time"),  # while loading: the worker's time of its answer
         "pid": w.get("pid"),
+        "busy": w.get("busy"),  # the step its main loop runs now (answered by its control thread)
     }
 
 
@@ -460,6 +466,7 @@ async def health(request: web.Request) -> web.Response:
         "model": engine.cfg.model_name,
         "requests_in_flight": len(engine.requests),
         "queue_depth": engine.waiting,
+        "slots": {"total": engine.cfg.runtime.max_concurrent, "in_use": len(engine.requests)},
         "coordinator": {
             "state": state,
             "address": f"{host}:{engine.cfg.coordinator.api_port}",
