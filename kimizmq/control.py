@@ -25,11 +25,16 @@ TCP_KEEPALIVE_INTVL_S = 5
 TCP_KEEPALIVE_CNT = 3
 
 
-def keep_alive(sock: zmq.Socket) -> None:
-    """ZMQ heartbeats and TCP keepalive on a long-lived socket."""
-    sock.setsockopt(zmq.HEARTBEAT_IVL, ZMQ_HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMQ_HEARTBEAT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, ZMQ_HEARTBEAT_TIMEOUT_MS)
+def keep_alive(sock: zmq.Socket, *, heartbeats: bool = True) -> None:
+    """TCP keepalive and (`heartbeats`) ZMQ heartbeats on a long-lived socket.
+
+    Sockets under CURVE get TCP keepalive only: with libzmq 4.3.5, a CURVE
+    PUSH with heartbeats on stopped delivering once a peer the server's ZAP
+    refused had connected (tests/test_security.py caught it)."""
+    if heartbeats:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ZMQ_HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMQ_HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, ZMQ_HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTVL_S)
@@ -93,7 +98,7 @@ class ControlClient:
         if self._sock is None:
             s = self.ctx.socket(zmq.REQ)
             s.setsockopt(zmq.LINGER, 0)
-            keep_alive(s)
+            keep_alive(s, heartbeats=self._secure is None)
             if self._secure is not None:
                 self._secure(s, self.name)
             s.connect(self.address)

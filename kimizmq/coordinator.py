@@ -158,7 +158,7 @@ class Engine:
         self.push.setsockopt(zmq.LINGER, 0)
         self.push.setsockopt(zmq.SNDHWM, PUSH_HWM)
         for sock in (self.pull, self.push):
-            keep_alive(sock)
+            keep_alive(sock, heartbeats=self.curve is None)
         if self.curve is not None:
             self.curve.start(self.ctx)  # before bind: refused peers never reach the socket
             self.curve.server(self.pull)

@@ -164,7 +164,7 @@ class Worker:
         self.data = self.ctx.socket(zmq.PULL)
         for s in (self.control, self.data):
             s.setsockopt(zmq.LINGER, 0)
-            keep_alive(s)
+            keep_alive(s, heartbeats=self.curve is None)
             s.setsockopt(zmq.RCVHWM, DATA_HWM)
             s.setsockopt(zmq.MAXMSGSIZE, wire.DEFAULT_MAX_TENSOR_BYTES + wire.MAX_HEADER_BYTES)
             if self.curve is not None:
@@ -544,7 +544,7 @@ class Worker:
             # Tokens are small, and a coordinator streaming text may lag a little.
             sock.setsockopt(zmq.SNDHWM, TOKEN_HWM if address == spec.report_address else DATA_HWM)
             sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
-            keep_alive(sock)
+            keep_alive(sock, heartbeats=self.curve is None)
             if self.curve is not None:
                 self.curve.client(sock, security.owner_of(self.cfg, address))
             sock.connect(address)
