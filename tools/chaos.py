@@ -50,6 +50,7 @@ N_TOKENS = 32
 STREAM_TIMEOUT_S = 300.0  # a stream with no end by then is stranded
 DRAIN_TIMEOUT_S = 120.0  # for the slots to be free after the last stream
 CONTROL_TIMEOUT_S = 3.0
+RSS_EVERY_S = 30.0
 RUNTIME = {
     "prefill_chunk": 8,
     "max_context": 1024,
@@ -178,6 +179,7 @@ class Soak:
         self.fault_log: list[dict] = []
         self.forged: set[str] = set()
         self.lock = threading.Lock()
+        self.rss: dict[str, list[tuple[float, int, int]]] = {}  # daemon -> (at s, pid, RSS KiB)
 
     def control(self, name: str, cmd: str) -> dict:
         return call_once(self.cluster.cfg.worker(name).control_address, cmd, timeout_s=CONTROL_TIMEOUT_S, name=name)
@@ -216,7 +218,10 @@ class Soak:
 
     def sigstop(self) -> None:
         name = self.rng.choice(list(self.cluster.workers))
-        busy = self.wait_for(lambda: (h := self.health(name)) and (b := h.get("busy")) and b["tokens"] > 1 and b)
+        # a prompt chunk: more tokens in the step than requests
+        busy = self.wait_for(
+            lambda: (h := self.health(name)) and (b := h.get("busy")) and b["tokens"] > len(b["requests"]) and b
+        )
         if not busy:
             return
         p = self.cluster.workers[name]
@@ -290,11 +295,39 @@ class Soak:
         out["coordinator"] = self.cluster.coordinator.pid
         return out
 
+    def sample_rss(self) -> None:
+        at = round(time.monotonic() - self.started, 1)
+        for name, pid in self.pids().items():
+            if (kib := rss_kib(pid)) is not None:
+                self.rss.setdefault(name, []).append((at, pid, kib))
+
+    def rss_sampler(self, stop: threading.Event) -> None:
+        while not stop.wait(RSS_EVERY_S):
+            self.sample_rss()
+
+    def rss_summary(self) -> dict:
+        """Per daemon, over its current process's life: RSS (MiB) at the first
+        sample, the last, and the most."""
+        out = {}
+        for name, samples in self.rss.items():
+            pid = samples[-1][1]
+            mine = [kib for _, p, kib in samples if p == pid]
+            out[name] = {
+                "first_mib": round(mine[0] / 1024, 1),
+                "last_mib": round(mine[-1] / 1024, 1),
+                "max_mib": round(max(mine) / 1024, 1),
+                "samples": len(mine),
+            }
+        return out
+
     def run(self) -> dict:
         self.reference = [stream_once(self.cluster.api, p, None)["ids"] for p in PROMPTS]
         assert all(len(r) == N_TOKENS for r in self.reference), "the undisturbed run did not complete"
-        rss_start = {n: rss_kib(pid) for n, pid in self.pids().items()}
         self.started = time.monotonic()
+        self.sample_rss()
+        stop = threading.Event()
+        sampler = threading.Thread(target=self.rss_sampler, args=(stop,), daemon=True)
+        sampler.start()
         clients = [threading.Thread(target=self.client, args=(k,), daemon=True) for k in range(self.streams)]
         for t in clients:
             t.start()
@@ -304,7 +337,8 @@ class Soak:
         hung = sum(t.is_alive() for t in clients)
         held = self.wait_for_free()
         status, health = self.cluster.health()
-        rss_end = {n: rss_kib(pid) for n, pid in self.pids().items()}
+        stop.set()
+        self.sample_rss()
         r = self.results
         done = [x for x in r if x.get("done")]
         return {
@@ -324,8 +358,7 @@ class Soak:
             "health_at_end": {"status": status, "in_flight": health.get("requests_in_flight")},
             "faults": dict(self.faults),
             "fault_log": self.fault_log,
-            "rss_kib_start": rss_start,
-            "rss_kib_end": rss_end,
+            "rss": self.rss_summary(),
         }
 
     def wait_for_free(self) -> dict[str, list[str]]:
