@@ -6,10 +6,12 @@ GET /metrics. Errors use OpenAI's shape: {"error": {"message", "type", "param", 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import math
 import os
+import resource
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -23,6 +25,13 @@ from .plan import GIB
 
 MAX_BODY_BYTES = 4 << 20
 SHUTDOWN_TIMEOUT_S = 2.0  # on SIGTERM, open streams get this long to end
+# Slow or idle clients (slowloris) must not hold connections: a request's head
+# must be complete this long after the connection opened or went idle (aiohttp's
+# keep-alive timer, armed at connect), its body read within BODY_TIMEOUT_S.
+HEADER_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
+MAX_CONNECTIONS = 1024  # open HTTP connections; more get 503 and are closed
+FD_RESERVE = 128  # open files kept for everything but HTTP (ZMQ sockets, logs)
 MAX_STOP_STRINGS = 4
 DEFAULT_MAX_TOKENS = 256
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -44,6 +53,7 @@ class ApiError(Exception):
             400: "invalid_request_error",
             401: "authentication_error",
             404: "invalid_request_error",
+            408: "invalid_request_error",
             413: "invalid_request_error",
             429: "rate_limit_error",
         }.get(self.status, "server_error")
@@ -191,7 +201,10 @@ def _build_request(engine: Engine, prompt: list[int], opts: dict) -> Request:
 
 async def _json_body(request: web.Request) -> dict:
     try:
-        body = await request.json(loads=json.loads)
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            body = await request.json(loads=json.loads)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s") from None
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -526,12 +539,52 @@ def make_app(engine: Engine) -> web.Application:
     return app
 
 
+class _Refuse(asyncio.Protocol):
+    """A connection beyond the limit: 503 with Retry-After, then closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(  # type: ignore[attr-defined]
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %d\r\nContent-Length: 0\r\n"
+            b"Connection: close\r\n\r\n" % RETRY_AFTER_S
+        )
+        transport.close()
+
+
+class BoundedSite(web.TCPSite):
+    """A TCPSite that serves at most `max_connections` connections at once."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, max_connections: int):
+        super().__init__(runner, host, port)
+        self.max_connections = max_connections
+
+    def _protocol(self) -> asyncio.Protocol:
+        server = self._runner.server
+        if len(server.connections) >= self.max_connections:
+            return _Refuse()
+        return server()
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._protocol, self._host, self._port, reuse_address=True)
+
+
+def max_connections() -> int:
+    """MAX_CONNECTIONS, or fewer where the open-file limit would not allow them."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else max(16, min(MAX_CONNECTIONS, soft - FD_RESERVE))
+
+
 async def run_api(engine: Engine) -> web.AppRunner:
     runner = web.AppRunner(
-        make_app(engine), handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        make_app(engine),
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        keepalive_timeout=HEADER_TIMEOUT_S,
     )
     await runner.setup()
-    site = web.TCPSite(runner, engine.cfg.coordinator.api_host, engine.cfg.coordinator.api_port)
+    site = BoundedSite(runner, engine.cfg.coordinator.api_host, engine.cfg.coordinator.api_port, max_connections())
     await site.start()
     logger.info("api_listening", host=engine.cfg.coordinator.api_host, port=engine.cfg.coordinator.api_port)
     return runner

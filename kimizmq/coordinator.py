@@ -128,6 +128,7 @@ class Engine:
         self.stats: dict[str, dict] = {}  # each worker's last `stats` answer
         self.offsets: dict[tuple[str, str], int] = {}  # (worker, wire id) -> tokens that stage has run
         self.busy_reported: dict[str, float] = {}  # worker -> when its long step started, once logged
+        self.unowned: dict[str, set[str]] = {}  # worker -> ids it held that no request here owned, last heartbeat
         self.worker_state: dict[str, dict] = {w.name: {"state": "unknown"} for w in cfg.workers}
         self.state = "starting"
         self.requests: dict[str, Request] = {}  # by wire id
@@ -599,7 +600,10 @@ class Engine:
         async def one(name: str) -> None:
             args = {}
             if reconcile:
-                stale = [r for r, _ in self.worker_state.get(name, {}).get("active") or [] if r not in self.requests]
+                # Unowned at two heartbeats in a row: not just a release still on its way.
+                unowned = {r for r, _ in self.worker_state.get(name, {}).get("active") or [] if r not in self.requests}
+                stale = sorted(unowned & self.unowned.get(name, set()))
+                self.unowned[name] = unowned - set(stale)
                 if stale:
                     args["release"] = stale
                     logger.info("stale_requests_released", worker=name, wire_ids=stale)

@@ -10,6 +10,7 @@ import random
 import shutil
 import signal
 import threading
+import time
 
 import mlx.core as mx
 import pytest
@@ -284,3 +285,44 @@ def test_bad_health_release_lists_are_refused(cluster):
             call_once(address, "health", {"release": bad}, timeout_s=5.0)
     assert call_once(address, "health", {"release": []}, timeout_s=5.0)["state"] == "ready"
     assert post_json(cluster.api, "/v1/completions", {"prompt": [1, 2], "max_tokens": 2})[0] == 200
+
+
+def test_slow_clients_are_cut_off_and_never_starve_the_api(cluster):
+    """Fifty connections that send half a request head and stall (slowloris):
+    /health and completions answer meanwhile, and the API closes every one of
+    them once HEADER_TIMEOUT_S has passed. The coordinator raised its own
+    open-file limit as far as it may."""
+    import resource
+    import socket
+
+    from kimizmq.api import HEADER_TIMEOUT_S
+    from kimizmq.coordinator import FD_SOFT_LIMIT
+
+    port = cluster.cfg.coordinator.api_port
+    slow = []
+    try:
+        for _ in range(50):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: kimi\r\nContent-Type: application/json\r\n")
+            slow.append(s)
+        opened = time.monotonic()
+        assert cluster.health()[0] == 200
+        assert complete_ids(cluster.api, PROMPTS[0], 4)["logprobs"]["token_ids"]
+
+        def closed(s: socket.socket) -> bool:
+            s.settimeout(0.01)
+            try:
+                return s.recv(1024) == b""
+            except TimeoutError:
+                return False
+            except ConnectionResetError:
+                return True
+
+        wait_until(lambda: all(closed(s) for s in slow), "the API to cut the slow clients off", HEADER_TIMEOUT_S + 15)
+        assert time.monotonic() - opened >= HEADER_TIMEOUT_S - 1
+    finally:
+        for s in slow:
+            s.close()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    started = log_events(cluster, "coordinator", "coordinator_started")[-1]
+    assert started["fd_limit"] == (FD_SOFT_LIMIT if hard == resource.RLIM_INFINITY else min(FD_SOFT_LIMIT, hard))
