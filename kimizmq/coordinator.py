@@ -446,6 +446,7 @@ class Engine:
         finally:
             self.waiting -= 1
         log.bind_request(req.id)
+        req.progress_at = time.monotonic()  # its time in the queue is no stall
         req.detok = self.tokenizer.detokenizer()
         req.params.setdefault("seed", int.from_bytes(os.urandom(4), "little"))
         self.requests[req.wire_id] = req
