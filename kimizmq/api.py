@@ -233,6 +233,8 @@ async def _events(engine: Engine, req: Request) -> AsyncIterator[Event]:
     try:
         async with aclosing(engine.generate(req)) as events:
             async for ev in events:
+                if ev.kind == "error" and ev.status is not None:
+                    raise ApiError(ev.status, ev.message or "request failed")
                 if ev.kind == "error":
                     raise RequestError(ev.message or "request failed")
                 yield ev

@@ -69,6 +69,9 @@ class Event:
     top_logprobs: list[list] | None = None
     finish_reason: str | None = None
     message: str | None = None
+    # "error": the HTTP status it gets if no token has gone out yet (None: the
+    # API decides); 503 where the cluster, not the request, was the trouble
+    status: int | None = None
 
 
 @dataclass
@@ -356,6 +359,7 @@ class Engine:
                         "error",
                         message=f"the request made no progress for {limit:g} s (runtime.request_stall_timeout_s), "
                         f"also after {STALL_REPLAYS} replay; giving up",
+                        status=503,
                     )
                 )
             else:
@@ -406,7 +410,7 @@ class Engine:
             if req.finish_reason is None:
                 req.finish_reason = "error"
                 self.metrics["requests_failed"] += 1
-                req.events.put_nowait(Event("error", message=message))
+                req.events.put_nowait(Event("error", message=message, status=503))
 
     async def close(self) -> None:
         for t in self.tasks:

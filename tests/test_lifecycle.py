@@ -11,6 +11,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.error
 
 import mlx.core as mx
 import pytest
@@ -32,7 +33,11 @@ def stream(base: str, prompt: list[int], n: int, *, stop_after: int | None = Non
     `stop_after`: close the connection after that many chunks."""
     body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 1, "ignore_eos": True}
     ids: list[int] = []
-    with open_stream(base, body) as r:
+    try:
+        r = open_stream(base, body)
+    except urllib.error.HTTPError as e:  # an error before the first token
+        return ids, {**json.loads(e.read())["error"], "status": e.code, "retry_after": e.headers.get("Retry-After")}
+    with r:
         for i, raw in enumerate(r):
             line = raw.decode().strip()
             if line == "data: [DONE]":
@@ -95,7 +100,7 @@ def test_a_step_longer_than_the_liveness_window_is_reported_not_replayed(tiny_mo
 @pytest.fixture(scope="module")
 def cluster(tiny_model, tmp_path_factory):
     """Two stages, four slots: a budget small enough to fill."""
-    runtime = {**FAST_LIVENESS, "prefill_chunk": 4, "max_concurrent": 4, "request_stall_timeout_s": 3.0}
+    runtime = {**FAST_LIVENESS, "prefill_chunk": 4, "max_concurrent": 4, "request_stall_timeout_s": 5.0}
     folder = tmp_path_factory.mktemp("lifecycle")
     with LocalCluster(write_config(folder / "kimi.toml", tiny_model, 2, runtime=runtime)) as c:
         yield c
@@ -114,6 +119,7 @@ def test_client_disconnects_under_concurrency_leak_no_slots(cluster, undisturbed
     point: no stream sees an error, every one that finishes is token-identical,
     every stage ends with nothing held, and the next request runs at once."""
     rng = random.Random(7)
+    stalls = len(log_events(cluster, "coordinator", "request_stalled"))
     jobs = [(i % len(PROMPTS), rng.choice([None, 0, 1, 2, 4, 8])) for i in range(24)]
     results = in_threads(lambda p, cut: stream(cluster.api, PROMPTS[p], N_TOKENS, stop_after=cut), jobs)
     for (p, cut), result in zip(jobs, results):
@@ -123,6 +129,7 @@ def test_client_disconnects_under_concurrency_leak_no_slots(cluster, undisturbed
         if cut is None:
             assert ids == undisturbed[p]
     wait_until(lambda: all_free(cluster), "every stage to free every slot")
+    assert len(log_events(cluster, "coordinator", "request_stalled")) == stalls, "time in the queue is no stall"
     assert complete_ids(cluster.api, PROMPTS[0], N_TOKENS)["logprobs"]["token_ids"] == undisturbed[0]
 
 
@@ -198,6 +205,7 @@ def test_a_request_stranded_by_a_forged_release_is_replayed_then_fails_clearly(c
     ids, err = stream(cluster.api, PROMPTS[1], long)
     forger.join()
     assert err is not None and "request_stall_timeout_s" in err["message"]
+    assert err.get("status", 503) == 503 and err.get("retry_after", "2") == "2"  # before any token: HTTP 503
     assert len(ids) < long and ids == reference[: len(ids)]
     wait_until(lambda: all_free(cluster), "every stage to free every slot")
 
