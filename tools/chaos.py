@@ -359,6 +359,7 @@ class Soak:
             "faults": dict(self.faults),
             "fault_log": self.fault_log,
             "rss": self.rss_summary(),
+            "rss_samples": self.rss,  # daemon -> [at s, pid, RSS KiB]
         }
 
     def wait_for_free(self) -> dict[str, list[str]]:
@@ -401,7 +402,7 @@ def main() -> None:
     args.json.write_text(json.dumps(report, indent=2))
     width = max(len(k) for k in report)
     for key, value in report.items():
-        if key != "fault_log":
+        if key not in ("fault_log", "rss_samples"):
             print(f"{key:<{width}}  {value}")
     print(f"(written to {args.json})")
 
