@@ -5,6 +5,8 @@ Real processes on loopback; every wait polls a condition with a deadline."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import random
 import shutil
@@ -334,3 +336,44 @@ def test_slow_clients_are_cut_off_and_never_starve_the_api(cluster):
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     started = log_events(cluster, "coordinator", "coordinator_started")[-1]
     assert started["fd_limit"] == (FD_SOFT_LIMIT if hard == resource.RLIM_INFINITY else min(FD_SOFT_LIMIT, hard))
+
+
+def test_connections_beyond_the_limit_get_503_with_retry_after_and_are_closed():
+    """The API's site serves at most its limit of connections at once: the
+    ones beyond it are answered 503 with Retry-After and closed at once, while
+    those within it stay open (a real aiohttp server, real sockets)."""
+    import socket
+
+    from aiohttp import web
+
+    from kimizmq.api import RETRY_AFTER_S, BoundedSite
+    from kimizmq.local import free_ports
+
+    async def run() -> list[bytes]:
+        runner = web.AppRunner(web.Application())
+        await runner.setup()
+        port = free_ports(1)[0]
+        await BoundedSite(runner, "127.0.0.1", port, 5).start()
+        socks = []
+        try:
+            for _ in range(8):
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+                socks[-1].setblocking(False)
+                await asyncio.sleep(0.05)  # the server's loop accepts it
+            deadline = time.monotonic() + 5
+            answers: dict[int, bytes] = {}
+            while len(answers) < 3 and time.monotonic() < deadline:
+                for i, s in enumerate(socks):
+                    with contextlib.suppress(BlockingIOError):
+                        answers.setdefault(i, s.recv(200))
+                await asyncio.sleep(0.05)
+            return [answers.get(i, b"") for i in range(len(socks))]
+        finally:
+            for s in socks:
+                s.close()
+            await runner.cleanup()
+
+    got = asyncio.run(run())
+    assert got[:5] == [b""] * 5  # served: nothing said before a request comes
+    refusal = f"HTTP/1.1 503 Service Unavailable\r\nRetry-After: {RETRY_AFTER_S}\r\n".encode()
+    assert all(a.startswith(refusal) for a in got[5:]), got[5:]
