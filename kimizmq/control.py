@@ -23,18 +23,23 @@ ZMQ_HEARTBEAT_TIMEOUT_MS = 10000
 TCP_KEEPALIVE_IDLE_S = 10
 TCP_KEEPALIVE_INTVL_S = 5
 TCP_KEEPALIVE_CNT = 3
+# A connect attempt made while the link was down is given up after this long
+# and retried, instead of waiting out the kernel's SYN backoff once it is back.
+CONNECT_TIMEOUT_MS = 2000
 
 
 def keep_alive(sock: zmq.Socket, *, heartbeats: bool = True) -> None:
-    """TCP keepalive and (`heartbeats`) ZMQ heartbeats on a long-lived socket.
+    """TCP keepalive, a connect timeout and (`heartbeats`) ZMQ heartbeats on a
+    long-lived socket.
 
-    Sockets under CURVE get TCP keepalive only: with libzmq 4.3.5, a CURVE
+    Sockets under CURVE get no ZMQ heartbeats: with libzmq 4.3.5, a CURVE
     PUSH with heartbeats on stopped delivering once a peer the server's ZAP
     refused had connected (tests/test_security.py caught it)."""
     if heartbeats:
         sock.setsockopt(zmq.HEARTBEAT_IVL, ZMQ_HEARTBEAT_IVL_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMQ_HEARTBEAT_TIMEOUT_MS)
         sock.setsockopt(zmq.HEARTBEAT_TTL, ZMQ_HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTVL_S)
