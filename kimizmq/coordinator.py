@@ -373,8 +373,11 @@ class Engine:
     async def _replay(self, req: Request) -> None:
         """Drop what the stages hold of `req` and run it again under a new wire
         id: prompt plus the tokens generated so far."""
-        await self._release_everywhere(req.wire_id)
-        self.requests.pop(req.wire_id, None)
+        old = req.wire_id
+        await self._release_everywhere(old)
+        if self.requests.get(old) is not req:
+            return  # its client left meanwhile: generate() has released it and freed its slot
+        self.requests.pop(old)
         req.replays += 1
         req.paused = False
         req.progress_at = time.monotonic()

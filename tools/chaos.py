@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -390,15 +391,20 @@ def main() -> None:
     model = make_test_model(REPO / "models" / "test-kimi-k2-tiny-seed0-layers7", seed=0, num_layers=7)
     netns = not args.no_netns and make_netns()
     print(f"link cut: {'network namespace' if netns else 'skipped (no network namespace)'}", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="kimizmq-chaos-"))
     try:
-        with tempfile.TemporaryDirectory(prefix="kimizmq-chaos-") as tmp:
-            cluster = ChaosCluster(write_chaos_config(Path(tmp), model, netns))
-            cluster.ns_worker = "w1" if netns else None
-            with cluster:
-                report = Soak(cluster, args.minutes, args.streams, args.every, args.seed, netns).run()
+        cluster = ChaosCluster(write_chaos_config(tmp, model, netns))
+        cluster.ns_worker = "w1" if netns else None
+        with cluster:
+            report = Soak(cluster, args.minutes, args.streams, args.every, args.seed, netns).run()
     finally:
         if netns:
             drop_netns()
+    clean = not (report["http_500"] or report["stranded"] or report["not_identical"] or report["slots_held_at_end"])
+    if clean:
+        shutil.rmtree(tmp)
+    else:
+        print(f"the daemons' logs are kept in {tmp}")
     args.json.write_text(json.dumps(report, indent=2))
     width = max(len(k) for k in report)
     for key, value in report.items():
