@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import resource
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -31,13 +32,20 @@ from .toolcalls import SECTION_BEGIN, OutputParser, template_thinks
 
 MAX_BODY_BYTES = 4 << 20
 SHUTDOWN_TIMEOUT_S = 2.0  # on SIGTERM, open streams get this long to end
+# Slow or idle clients (slowloris) must not hold connections: a request's head
+# must be complete this long after the connection opened or went idle (aiohttp's
+# keep-alive timer, armed at connect), its body read within BODY_TIMEOUT_S.
+HEADER_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
+MAX_CONNECTIONS = 1024  # open HTTP connections; more get 503 and are closed
+FD_RESERVE = 128  # open files kept for everything but HTTP (ZMQ sockets, logs)
 MAX_STOP_STRINGS = 4
 DEFAULT_MAX_TOKENS = 256
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_N = 8  # choices per request (n, best_of)
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300
-RETRY_AFTER_S = 1  # a full queue: when to try again
+RETRY_AFTER_S = 1  # seconds, on a 429 (queue full) or a 503 (cluster busy or not ready)
 REPETITION_CONTEXT = 20  # prompt tokens the repetition penalty sees (mlx-lm's default window)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -92,11 +100,13 @@ class ApiError(Exception):
             400: "invalid_request_error",
             401: "authentication_error",
             404: "invalid_request_error",
+            408: "invalid_request_error",
             413: "invalid_request_error",
             429: "rate_limit_error",
         }.get(self.status, "server_error")
         body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 429 else None
+        # Busy or recovering, not broken: the client is told when to try again.
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status in (429, 503) else None
         return web.json_response(body, status=self.status, headers=headers)
 
 
@@ -425,7 +435,10 @@ def _choices(engine: Engine, prompt: list[int], opts: dict, count: int) -> list[
 
 async def _json_body(request: web.Request) -> dict:
     try:
-        body = await request.json(loads=json.loads)
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            body = await request.json(loads=json.loads)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s") from None
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -452,6 +465,8 @@ async def _events(engine: Engine, req: Request) -> AsyncIterator[Event]:
     try:
         async with aclosing(engine.generate(req)) as events:
             async for ev in events:
+                if ev.kind == "error" and ev.status is not None:
+                    raise ApiError(ev.status, ev.message or "request failed")
                 if ev.kind == "error":
                     raise RequestError(ev.message or "request failed")
                 yield ev
@@ -931,6 +946,7 @@ def _worker_row(app: web.Application, name: str, w: dict) -> dict:
         "tokens_per_s": rate,
         "last_seen": w.get("last_seen") or w.get("time"),  # while loading: the worker's time of its answer
         "pid": w.get("pid"),
+        "busy": w.get("busy"),  # the step its main loop runs now (answered by its control thread)
     }
 
 
@@ -947,6 +963,7 @@ async def health(request: web.Request) -> web.Response:
         "model": engine.cfg.model_name,
         "requests_in_flight": len(engine.requests),
         "queue_depth": engine.waiting,
+        "slots": {"total": engine.cfg.runtime.max_concurrent, "in_use": len(engine.requests)},
         "coordinator": {
             "state": state,
             "address": f"{host}:{engine.cfg.coordinator.api_port}",
@@ -1034,12 +1051,52 @@ def make_app(engine: Engine) -> web.Application:
     return app
 
 
+class _Refuse(asyncio.Protocol):
+    """A connection beyond the limit: 503 with Retry-After, then closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(  # type: ignore[attr-defined]
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %d\r\nContent-Length: 0\r\n"
+            b"Connection: close\r\n\r\n" % RETRY_AFTER_S
+        )
+        transport.close()
+
+
+class BoundedSite(web.TCPSite):
+    """A TCPSite that serves at most `max_connections` connections at once."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, max_connections: int):
+        super().__init__(runner, host, port)
+        self.max_connections = max_connections
+
+    def _protocol(self) -> asyncio.Protocol:
+        server = self._runner.server
+        if len(server.connections) >= self.max_connections:
+            return _Refuse()
+        return server()
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._protocol, self._host, self._port, reuse_address=True)
+
+
+def max_connections() -> int:
+    """MAX_CONNECTIONS, or fewer where the open-file limit would not allow them."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else max(16, min(MAX_CONNECTIONS, soft - FD_RESERVE))
+
+
 async def run_api(engine: Engine) -> web.AppRunner:
     runner = web.AppRunner(
-        make_app(engine), handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        make_app(engine),
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        keepalive_timeout=HEADER_TIMEOUT_S,
     )
     await runner.setup()
-    site = web.TCPSite(runner, engine.cfg.coordinator.api_host, engine.cfg.coordinator.api_port)
+    site = BoundedSite(runner, engine.cfg.coordinator.api_host, engine.cfg.coordinator.api_port, max_connections())
     await site.start()
     logger.info("api_listening", host=engine.cfg.coordinator.api_host, port=engine.cfg.coordinator.api_port)
     return runner

@@ -271,6 +271,22 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def check_layer_count(index: dict[str, Any], config: dict, model_dir: str | Path) -> None:
+    """Refuse a checkpoint whose weights hold more layers than config.json
+    declares (beyond its multi-token-prediction layers, which mlx-lm drops):
+    serving fewer layers than the weights have would be a wrong model, silently."""
+    declared = _int_field(config, "num_hidden_layers", model_dir)
+    extra = config.get("num_nextn_predict_layers", 0)
+    allowed = declared + (extra if isinstance(extra, int) and not isinstance(extra, bool) and extra > 0 else 0)
+    found = sorted({layer for name in index if (layer := layer_of(name)) is not None})
+    beyond = [i for i in found if i >= allowed]
+    if beyond:
+        raise CheckpointError(
+            f"{model_dir}: config.json says num_hidden_layers = {declared} but the safetensors hold "
+            f"layer(s) {_ranges(beyond)} too ({len(found)} layers in all); fix num_hidden_layers"
+        )
+
+
 def stage_tensor_names(index: dict[str, Any], start: int, end: int, *, first: bool, last: bool) -> list[str]:
     """Tensors a stage holding layers [start, end) loads, in index order.
 
@@ -301,6 +317,7 @@ def layer_sizes(model_dir: str | Path) -> LayerSizes:
         return estimate_layer_sizes(config)
 
     index = tensor_index(model_dir)
+    check_layer_count(index, config, model_dir)
     layers = [0] * num_layers
     embed = head = 0
     tied = True

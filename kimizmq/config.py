@@ -7,6 +7,7 @@ every Mac unchanged.
 
 from __future__ import annotations
 
+import difflib
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -133,6 +134,8 @@ class RuntimeConfig:
     heartbeat_interval_s: float = 1.0
     liveness_timeout_s: float = 4.0  # + one heartbeat interval: a dead or hung worker is noticed within 5 s
     recovery_timeout_s: float = 120.0  # in-flight requests wait this long for a lost worker
+    # A request no stage has moved on for this long is replayed once, then ends with an error.
+    request_stall_timeout_s: float = 120.0
     request_idle_timeout_s: float = 600.0  # a stage frees a request's caches after this long unused
     # Freed device memory each worker's MLX keeps for reuse; < 0: MLX's default
     # (about all of it). Set it when several workers share one GPU.
@@ -203,6 +206,7 @@ RUNTIME_RANGES: dict[str, tuple] = {
     "heartbeat_interval_s": ((0,), None),
     "liveness_timeout_s": ((0,), None),
     "recovery_timeout_s": (0, None),
+    "request_stall_timeout_s": ((0,), None),
     "request_idle_timeout_s": ((0,), None),
     "cache_limit_gb": (None, None),  # < 0: MLX's default
     "stream_interval_ms": (0, MAX_STREAM_INTERVAL_MS),
@@ -252,6 +256,42 @@ def _ports(section: dict[str, Any], where: str) -> dict[str, int]:
     return ports
 
 
+SECTIONS = ("model", "coordinator", "workers", "runtime", "plan", "security", "api", "logging")
+MODEL_KEYS = ("path", "name")
+COORDINATOR_KEYS = ("host", "api_host", "api_port", "result_port", "ssh")
+WORKER_KEYS = (
+    "name",
+    "host",
+    "memory_gb",
+    "layers",
+    "max_memory_gb",
+    "bandwidth_gbs",
+    "control_port",
+    "data_port",
+    "ssh",
+)
+SECURITY_KEYS = ("curve_dir", "api_key")
+LOGGING_KEYS = ("dir",)
+
+
+def _check_keys(where: str, section: dict, known: tuple | set, what: str = "key") -> None:
+    """A ConfigError naming the first unknown key and the nearest known one:
+    a misspelt setting must never be ignored (`apikey` would leave the API open)."""
+    for key in section:
+        if key in known:
+            continue
+        near = difflib.get_close_matches(str(key), sorted(known), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else f" (known: {', '.join(sorted(known))})"
+        raise ConfigError(f"{where}: unknown {what} {key!r}{hint}")
+
+
+def _table(data: dict, name: str, where: str) -> dict:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table, got {value!r}")
+    return value
+
+
 def _typed(section: dict, key: str, kind: type | tuple, where: str, default: Any = None) -> Any:
     if key not in section:
         return default
@@ -273,26 +313,25 @@ def _dataclass_section(cls, section: dict, where: str):
         default = f.default
         kind = type(default) if default is not None else str
         kwargs[name] = _typed(section, name, kind, where)
-    unknown = set(section) - set(cls.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    _check_keys(where, section, set(cls.__dataclass_fields__))
     return cls(**kwargs)
 
 
 def parse_config(data: dict[str, Any], path: Path) -> Config:
     base = path.parent
     src = str(path)
+    _check_keys(src, data, SECTIONS, "section")
     model = data.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("path"), str):
         raise ConfigError(f'{src}: [model] needs a path = "..." to the model directory')
+    _check_keys(f"{src} [model]", model, MODEL_KEYS)
     model_path = _resolve(base, model["path"])
     model_name = model.get("name") or model_path.name
     if not isinstance(model_name, str):
         raise ConfigError(f"{src}: [model] name must be a string")
 
-    coord = data.get("coordinator", {})
-    if not isinstance(coord, dict):
-        raise ConfigError(f"{src}: [coordinator] must be a table")
+    coord = _table(data, "coordinator", src)
+    _check_keys(f"{src} [coordinator]", coord, COORDINATOR_KEYS)
     host = _typed(coord, "host", str, f"{src} [coordinator]", "127.0.0.1")
     ports = dict(COORDINATOR_DEFAULT_PORTS)
     ports.update(_ports(coord, f"{src} [coordinator]"))
@@ -340,10 +379,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         bw = _typed(w, "bandwidth_gbs", float, where)
         for key, value in (("memory_gb", memory_gb), ("max_memory_gb", max_mem), ("bandwidth_gbs", bw)):
             _check_range(where, key, value, WORKER_RANGES[key])
-        known = {"name", "host", "memory_gb", "layers", "max_memory_gb", "bandwidth_gbs", "ssh"}
-        unknown = {k for k in w if k not in known and not k.endswith("_port")}
-        if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        _check_keys(where, w, WORKER_KEYS)
         workers.append(
             WorkerConfig(name, whost, memory_gb, wports, max_mem, layers, bw, _ssh(w.get("ssh"), whost, where))
         )
@@ -357,37 +393,39 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
             raise ConfigError(f"{src}: port {p} on {h} is used by both {bound[(h, p)]} and {owner}")
         bound[(h, p)] = owner
 
-    runtime = _dataclass_section(RuntimeConfig, data.get("runtime", {}), f"{src} [runtime]")
+    runtime = _dataclass_section(RuntimeConfig, _table(data, "runtime", src), f"{src} [runtime]")
     if runtime.decode not in DECODE_MODES:
         modes = " or ".join(f'"{m}"' for m in DECODE_MODES)
         raise ConfigError(f"{src} [runtime]: decode must be {modes}, got {runtime.decode!r}")
     for key, bounds in RUNTIME_RANGES.items():
         _check_range(f"{src} [runtime]", key, getattr(runtime, key), bounds)
-    plan = _dataclass_section(PlanConfig, data.get("plan", {}), f"{src} [plan]")
+    plan = _dataclass_section(PlanConfig, _table(data, "plan", src), f"{src} [plan]")
     if plan.balance not in ("memory", "bandwidth"):
         raise ConfigError(f'{src} [plan]: balance must be "memory" or "bandwidth"')
     for key, bounds in PLAN_RANGES.items():
         _check_range(f"{src} [plan]", key, getattr(plan, key), bounds)
 
-    sec = data.get("security", {})
-    curve_dir = sec.get("curve_dir")
-    security = SecurityConfig(
-        curve_dir=_resolve(base, curve_dir) if curve_dir else None,
-        api_key=_typed(sec, "api_key", str, f"{src} [security]"),
-    )
-    api_section = data.get("api", {})
-    if not isinstance(api_section, dict):
-        raise ConfigError(f"{src}: [api] must be a table")
+    # Security settings that cannot be read are fatal: guessing would lower it.
+    sec = _table(data, "security", src)
+    _check_keys(f"{src} [security]", sec, SECURITY_KEYS)
+    curve_dir = _typed(sec, "curve_dir", str, f"{src} [security]")
+    api_key = _typed(sec, "api_key", str, f"{src} [security]")
+    for key, value in (("curve_dir", curve_dir), ("api_key", api_key)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{src} [security]: {key} is empty; remove the line or give it a value")
+    security = SecurityConfig(curve_dir=_resolve(base, curve_dir) if curve_dir else None, api_key=api_key)
+    api_section = _table(data, "api", src)
+    _check_keys(f"{src} [api]", api_section, set(ApiConfig.__dataclass_fields__))
     origins = api_section.get("cors_origins", [])
     if not isinstance(origins, list) or not all(isinstance(o, str) and o for o in origins):
         raise ConfigError(f'{src} [api]: cors_origins must be a list of origins such as "https://app.example"')
     keepalive = _typed(api_section, "keepalive_s", float, f"{src} [api]", ApiConfig.keepalive_s)
     _check_range(f"{src} [api]", "keepalive_s", keepalive, ((0,), None))
-    if unknown := set(api_section) - set(ApiConfig.__dataclass_fields__):
-        raise ConfigError(f"{src} [api]: unknown keys {sorted(unknown)}")
     dashboard = _typed(api_section, "dashboard", bool, f"{src} [api]", ApiConfig.dashboard)
     api = ApiConfig(dashboard=dashboard, cors_origins=tuple(origins), keepalive_s=keepalive)
-    log_dir = _resolve(base, data.get("logging", {}).get("dir", "../var/log"))
+    logging_section = _table(data, "logging", src)
+    _check_keys(f"{src} [logging]", logging_section, LOGGING_KEYS)
+    log_dir = _resolve(base, _typed(logging_section, "dir", str, f"{src} [logging]", "../var/log"))
     return Config(
         path=path,
         model_path=model_path,

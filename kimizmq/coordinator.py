@@ -7,6 +7,12 @@ A request's life, all in this file:
   -> either push that token to stage 0 as the next decode step, or finish:
   a `release` travels the data path behind everything the request sent, so
   every stage frees the request's caches.
+
+Every heartbeat the liveness loop asks each worker's control thread for its
+health (answered even mid-step: busy is not dead), and with it
+  - reconciles: ids a stage holds that no live request here owns are released;
+  - watches progress: a request no stage has moved on for
+    `request_stall_timeout_s` is replayed once, then ends with an error.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import resource
 import secrets
 import signal
 import time
@@ -27,7 +34,7 @@ import zmq.asyncio
 
 from . import log, security, wire
 from .config import Config, ConfigError, load_config
-from .control import ControlClient, ControlError, ControlTimeout
+from .control import ControlClient, ControlError, ControlTimeout, keep_alive
 from .metrics import ITL_BUCKETS_S, TTFT_BUCKETS_S, Histogram
 from .plan import Plan, PlanError, make_plan
 from .tokenizer import Tokenizer, load_tokenizer
@@ -38,6 +45,8 @@ LOAD_CALL_TIMEOUT_S = 10.0
 PUSH_HWM = 256
 # sampling parameters whose processors on the last stage depend on the tokens sampled so far
 PROCESSOR_PARAMS = frozenset({"grammar", "presence_penalty", "frequency_penalty", "repetition_penalty"})
+STALL_REPLAYS = 1  # a stalled request is replayed this often before it fails
+FD_SOFT_LIMIT = 65536  # open files the coordinator asks for (HTTP clients and ZMQ sockets)
 
 logger = log.get_logger()
 
@@ -63,6 +72,9 @@ class Event:
     top_logprobs: list[list] | None = None
     finish_reason: str | None = None
     message: str | None = None
+    # "error": the HTTP status it gets if no token has gone out yet (None: the
+    # API decides); 503 where the cluster, not the request, was the trouble
+    status: int | None = None
 
 
 @dataclass
@@ -84,7 +96,9 @@ class Request:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     detok: object = None
     replays: int = 0  # how often the pipeline lost it and it was replayed
+    stall_replays: int = 0  # of those, because it stopped making progress
     paused: bool = False  # a stage is down: replay it once every stage is back
+    progress_at: float = field(default_factory=time.monotonic)  # when a stage last moved it on
 
     @property
     def wire_id(self) -> str:
@@ -114,6 +128,13 @@ class Engine:
         self.curve = security.Curve.for_daemon(cfg, security.COORDINATOR, peers=tuple(self.workers))
         secure = self.curve.client if self.curve is not None else None
         self.control = {w.name: ControlClient(self.ctx, w.name, w.control_address, secure) for w in cfg.workers}
+        # A socket of its own for liveness: a command the worker's main loop
+        # answers only after a long step never holds up the next health check.
+        self.liveness = {w.name: ControlClient(self.ctx, w.name, w.control_address, secure) for w in cfg.workers}
+        self.stats: dict[str, dict] = {}  # each worker's last `stats` answer
+        self.offsets: dict[tuple[str, str], int] = {}  # (worker, wire id) -> tokens that stage has run
+        self.busy_reported: dict[str, float] = {}  # worker -> when its long step started, once logged
+        self.unowned: dict[str, set[str]] = {}  # worker -> ids it held that no request here owned, last heartbeat
         self.worker_state: dict[str, dict] = {w.name: {"state": "unknown"} for w in cfg.workers}
         self.state = "starting"
         self.requests: dict[str, Request] = {}  # by wire id
@@ -143,6 +164,8 @@ class Engine:
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 0)
         self.push.setsockopt(zmq.SNDHWM, PUSH_HWM)
+        for sock in (self.pull, self.push):
+            keep_alive(sock, heartbeats=self.curve is None)
         if self.curve is not None:
             self.curve.start(self.ctx)  # before bind: refused peers never reach the socket
             self.curve.server(self.pull)
@@ -245,6 +268,7 @@ class Engine:
             logger.error("cluster_load_failed", error=str(e))
             raise
         self.tasks.append(asyncio.create_task(self._watch_loop()))
+        self.tasks.append(asyncio.create_task(self._stats_loop()))
 
     async def _watch_loop(self) -> None:
         """Application-level liveness: a worker whose loop does not answer a
@@ -258,13 +282,30 @@ class Engine:
             except Exception:  # noqa: BLE001 - liveness must outlive any one bad round
                 logger.exception("watch_failed")
 
+    async def _stats_loop(self) -> None:
+        """Each worker's counters for /health and /metrics, asked of its main
+        loop; one that is mid-step answers late, which is not a liveness matter."""
+        while True:
+            await asyncio.sleep(self.cfg.runtime.heartbeat_interval_s)
+
+            async def one(name: str) -> None:
+                try:
+                    self.stats[name] = await self.control[name].call("stats", timeout=LOAD_CALL_TIMEOUT_S)
+                except (ControlTimeout, ControlError):
+                    self.stats.pop(name, None)
+
+            await asyncio.gather(*(one(n) for n in self.control))
+
     async def _watch_once(self) -> None:
         rt = self.cfg.runtime
-        await self.refresh_workers(timeout=rt.liveness_timeout_s)
+        await self.refresh_workers(timeout=rt.liveness_timeout_s, reconcile=self.state == "ready")
         bad = {n: w for n, w in self.worker_state.items() if not w.get("up") or w.get("state") != "ready"}
         if not bad:
             if self.state == "degraded":
                 await self._recover()
+            else:
+                self._track_progress()
+                await self._act_on_stalls()
             return
         now = time.monotonic()
         if self.state == "ready":
@@ -286,6 +327,77 @@ class Engine:
                 f"worker {', '.join(bad)} did not come back within {rt.recovery_timeout_s:g} s; the request cannot finish"
             )
 
+    def _track_progress(self) -> None:
+        """A request moved on if any stage ran more of it since the last
+        heartbeat, or is running a step of it now."""
+        now = time.monotonic()
+        offsets: dict[tuple[str, str], int] = {}
+        for name, w in self.worker_state.items():
+            for wire_id, offset in w.get("active") or []:
+                offsets[(name, wire_id)] = offset
+                req = self.requests.get(wire_id)
+                if req is not None and self.offsets.get((name, wire_id)) != offset:
+                    req.progress_at = now
+            busy = w.get("busy") or {}
+            for wire_id in busy.get("requests", []):
+                if (req := self.requests.get(wire_id)) is not None:
+                    req.progress_at = now
+            if busy.get("for_s", 0) > self.cfg.runtime.liveness_timeout_s:
+                since = round(time.time() - busy["for_s"])
+                if self.busy_reported.get(name) != since:  # once per long step
+                    self.busy_reported[name] = since
+                    logger.warning("worker_busy", worker=name, **busy)
+        self.offsets = offsets
+
+    async def _act_on_stalls(self) -> None:
+        """A request no stage has moved on for request_stall_timeout_s (a lost
+        message, a forged release) is replayed once, then fails."""
+        limit = self.cfg.runtime.request_stall_timeout_s
+        now = time.monotonic()
+        for req in list(self.requests.values()):
+            if req.finish_reason is not None or req.paused or now - req.progress_at <= limit:
+                continue
+            log.bind_request(req.id)
+            if req.stall_replays >= STALL_REPLAYS:
+                logger.error(
+                    "request_stalled", wire_id=req.wire_id, action="fail", stalled_s=round(now - req.progress_at, 1)
+                )
+                req.finish_reason = "error"
+                self.metrics["requests_failed"] += 1
+                req.events.put_nowait(
+                    Event(
+                        "error",
+                        message=f"the request made no progress for {limit:g} s (runtime.request_stall_timeout_s), "
+                        f"also after {STALL_REPLAYS} replay; giving up",
+                        status=503,
+                    )
+                )
+            else:
+                logger.warning(
+                    "request_stalled", wire_id=req.wire_id, action="replay", stalled_s=round(now - req.progress_at, 1)
+                )
+                req.stall_replays += 1
+                await self._replay(req)
+        log.bind_request(None)
+
+    async def _replay(self, req: Request) -> None:
+        """Drop what the stages hold of `req` and run it again under a new wire
+        id: prompt plus the tokens generated so far."""
+        old = req.wire_id
+        await self._release_everywhere(old)
+        if self.requests.get(old) is not req:
+            return  # its client left meanwhile: generate() has released it and freed its slot
+        self.requests.pop(old)
+        req.replays += 1
+        req.paused = False
+        req.progress_at = time.monotonic()
+        self.requests[req.wire_id] = req
+        log.bind_request(req.id)
+        logger.info("request_replayed", tokens=len(req.tokens), wire_id=req.wire_id)
+        if req.tokens and PROCESSOR_PARAMS & req.params.keys():
+            req.params["sampled"] = list(req.tokens)  # the last stage's processors resume where they were
+        await self._send_prompt(req, req.prompt + req.tokens)
+
     async def _recover(self) -> None:
         """Every stage is back: drop what the stages hold of in-flight requests
         and replay each one (prompt plus the tokens generated so far)."""
@@ -296,16 +408,7 @@ class Engine:
         for req in reqs:
             if req.finish_reason is not None:  # finished while stages were down
                 continue
-            await self._release_everywhere(req.wire_id)
-            self.requests.pop(req.wire_id, None)
-            req.replays += 1
-            req.paused = False
-            self.requests[req.wire_id] = req
-            log.bind_request(req.id)
-            logger.info("request_replayed", tokens=len(req.tokens), wire_id=req.wire_id)
-            if req.tokens and PROCESSOR_PARAMS & req.params.keys():
-                req.params["sampled"] = list(req.tokens)  # the last stage's processors resume where they were
-            await self._send_prompt(req, req.prompt + req.tokens)
+            await self._replay(req)
         log.bind_request(None)
 
     async def _release_everywhere(self, wire_id: str) -> None:
@@ -322,13 +425,13 @@ class Engine:
             if req.finish_reason is None:
                 req.finish_reason = "error"
                 self.metrics["requests_failed"] += 1
-                req.events.put_nowait(Event("error", message=message))
+                req.events.put_nowait(Event("error", message=message, status=503))
 
     async def close(self) -> None:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        for c in self.control.values():
+        for c in (*self.control.values(), *self.liveness.values()):
             c.close()
         for s in (self.push, self.pull):
             if s is not None:
@@ -362,6 +465,7 @@ class Engine:
         finally:
             self.waiting -= 1
         log.bind_request(req.id)
+        req.progress_at = time.monotonic()  # its time in the queue is no stall
         req.detok = self.tokenizer.detokenizer()
         req.params.setdefault("seed", int.from_bytes(os.urandom(4), "little"))
         self.requests[req.wire_id] = req
@@ -508,18 +612,49 @@ class Engine:
 
     # -- status -------------------------------------------------------------------------
 
-    async def refresh_workers(self, timeout: float) -> dict[str, dict]:
+    async def refresh_workers(self, timeout: float, *, reconcile: bool = False) -> dict[str, dict]:
+        """Every worker's health from its control thread (with its last stats
+        where the process is the same); `reconcile`: also release on each
+        worker the ids it holds that no live request here owns."""
+
         async def one(name: str) -> None:
+            args = {}
+            if reconcile:
+                # Unowned at two heartbeats in a row: not just a release still on its way.
+                unowned = {r for r, _ in self.worker_state.get(name, {}).get("active") or [] if r not in self.requests}
+                stale = sorted(unowned & self.unowned.get(name, set()))
+                self.unowned[name] = unowned - set(stale)
+                if stale:
+                    args["release"] = stale
+                    logger.info("stale_requests_released", worker=name, wire_ids=stale)
             try:
-                h = await self.control[name].call("stats", timeout=timeout)
+                h = await self.liveness[name].call("health", args, timeout=timeout)
                 h["up"] = True
             except (ControlTimeout, ControlError) as e:
                 h = {"state": "down", "up": False, "error": str(e)}
+            stats = self.stats.get(name, {})
+            if h["up"] and stats.get("pid") == h.get("pid"):
+                h = {**stats, **h}
             h["last_seen"] = time.time() if h["up"] else self.worker_state.get(name, {}).get("last_seen")
             self.worker_state[name] = h
 
         await asyncio.gather(*(one(n) for n in self.control))
         return self.worker_state
+
+
+def raise_fd_limit(want: int = FD_SOFT_LIMIT) -> int:
+    """Raise this process's soft limit on open files towards `want` (at most
+    the hard limit): many idle HTTP clients must not starve the liveness
+    checks' sockets. The limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            logger.warning("fd_limit_not_raised", soft=soft, hard=hard, error=str(e))
+    return soft
 
 
 async def serve(cfg: Config) -> None:
@@ -563,7 +698,7 @@ def main(config_path: str, verbose: bool) -> None:
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     log.configure("coordinator", cfg.log_dir, verbose=verbose)
-    logger.info("coordinator_started", pid=os.getpid(), api_port=cfg.coordinator.api_port)
+    logger.info("coordinator_started", pid=os.getpid(), api_port=cfg.coordinator.api_port, fd_limit=raise_fd_limit())
     try:
         asyncio.run(serve(cfg))
     except (PlanError, RequestError, ControlError, ControlTimeout, OSError, ValueError) as e:

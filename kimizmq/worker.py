@@ -1,7 +1,9 @@
 """kimi-worker: one daemon per Mac, holding one contiguous range of layers.
 
 Sockets (created and configured in `Worker.__init__` and `Worker._connect`):
-  control  REP   bound    commands from the coordinator (ping, health, load, ...)
+  control  ROUTER bound   commands from the coordinator (ping, health, load, ...),
+                          served by their own thread (see below)
+  commands PAIR  inproc   the control thread hands the main loop what it must run
   data     PULL  bound    token ids / activations from the previous stage
   next     PUSH  connect  activations to the next stage, or tokens to the coordinator
   loop     PUSH  connect  last stage only: each sampled token, straight back to
@@ -18,17 +20,25 @@ Tokens for the coordinator go as runs: a request's first and last token at
 once, the others gathered for `runtime.stream_interval_ms` (fewer wake-ups for
 the coordinator and the client when tokens come faster than anyone reads).
 
-The loop reads top to bottom: poll with a timeout, answer a command, run the
-waiting data messages, read one more module of a load in progress, repeat:
-loading shares the loop (and its thread, as MLX wants) so health keeps answering.
+The loop reads top to bottom: poll with a timeout, answer a command, apply
+releases, run the waiting data messages, read one more module of a load in
+progress, repeat: loading shares the loop (and its thread, as MLX wants).
+
+Busy is not dead: the control socket is served by a thread of its own, which
+answers `ping` and `health` at once, whatever the main loop computes (MLX
+releases the GIL while it evaluates), and says what the loop is doing (which
+requests' step, for how long). Every other command goes to the main loop and
+is answered when it gets to it. Only a worker that does not answer is down.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Generator
@@ -39,8 +49,9 @@ import mlx.core as mx
 import zmq
 
 from . import log, security, versions, wire, wired
-from .checkpoint import CheckpointError, read_config, stage_tensor_names, tensor_index
+from .checkpoint import CheckpointError, check_layer_count, read_config, stage_tensor_names, tensor_index
 from .config import Config, ConfigError, WorkerConfig, load_config
+from .control import keep_alive
 from .memory import available_memory_bytes, check_stage_memory
 from .plan import StageAssignment
 from .shard import ShardError, compiled_decode, iter_load_shard
@@ -57,7 +68,14 @@ SEND_TIMEOUT_MS = 5000
 DATA_HWM = 64
 TOKEN_HWM = 1024  # tokens queued for a coordinator that does not read before a ring stops
 LOAD_MARGIN_BYTES = 1 << 30  # beyond the shard's own bytes when the load names no reserve
-RELEASED_MEMORY = 4096  # released request ids remembered, so late ring steps drop quietly
+# Released, cancelled and finished ids are tombstoned, so anything still on its
+# way for them is dropped at any offset: for TOMBSTONE_S at least (far longer
+# than a message stays queued), and at most MAX_TOMBSTONES of them.
+TOMBSTONE_S = 600.0
+MAX_TOMBSTONES = 1 << 16
+MAX_HEALTH_RELEASES = 1024  # ids one `health` may release
+COMMANDS_ADDRESS = "inproc://commands"
+THREAD_COMMANDS = ("ping", "health")  # answered by the control thread, even mid-step
 
 logger = log.get_logger()
 
@@ -144,10 +162,11 @@ class Worker:
         self.ctx = zmq.Context()
         if self.curve is not None:
             self.curve.start(self.ctx)  # before bind: refused peers never reach the sockets
-        self.control = self.ctx.socket(zmq.REP)
+        self.control = self.ctx.socket(zmq.ROUTER)
         self.data = self.ctx.socket(zmq.PULL)
         for s in (self.control, self.data):
             s.setsockopt(zmq.LINGER, 0)
+            keep_alive(s, heartbeats=self.curve is None)
             s.setsockopt(zmq.RCVHWM, DATA_HWM)
             s.setsockopt(zmq.MAXMSGSIZE, wire.DEFAULT_MAX_TENSOR_BYTES + wire.MAX_HEADER_BYTES)
             if self.curve is not None:
@@ -156,6 +175,12 @@ class Worker:
         self.next: zmq.Socket | None = None
         self.report: zmq.Socket | None = None
         self.loop: zmq.Socket | None = None
+        self.commands = self.ctx.socket(zmq.PAIR)  # main loop side
+        self.commands_peer = self.ctx.socket(zmq.PAIR)  # control thread side
+        self.commands.bind(COMMANDS_ADDRESS)
+        self.commands_peer.connect(COMMANDS_ADDRESS)
+        self.control_thread: threading.Thread | None = None
+        self.control_stop = threading.Event()
         try:
             self.control.bind(me.control_address)
             self.data.bind(me.data_address)
@@ -166,7 +191,13 @@ class Worker:
             raise
         self.connected: dict[str, str] = {}  # "next"/"report"/"loop" -> address
         self.pending: list[wire.Message] = []  # decode steps a single stage fed itself
-        self.released: OrderedDict[str, None] = OrderedDict()
+        self.deferred: list[wire.Message] = []  # a full stage's newcomers, waiting their turn
+        self.waiting: set[str] = set()  # their ids
+        self.released: OrderedDict[str, float] = OrderedDict()  # tombstones: id -> when
+        self.to_release: queue.SimpleQueue[str] = queue.SimpleQueue()  # from the control thread
+        # What the main loop computes now (read by the control thread): None or
+        # {"what", "requests", "offsets", "tokens", "since"}.
+        self.doing: dict | None = None
         self.stream_interval = cfg.runtime.stream_interval_ms / 1e3
         self.outbox: dict[str, TokenRun] = {}  # last stage: tokens waiting to go out
         self.sent_at: dict[str, float] = {}  # last stage: when each request's last run went
@@ -186,6 +217,8 @@ class Worker:
             "token_messages": 0,  # runs of tokens sent to the coordinator
             "loads": 0,
             "dropped_after_release": 0,
+            "admissions_deferred": 0,  # newcomers that waited for a full stage to free a slot
+            "long_steps": 0,  # steps longer than runtime.liveness_timeout_s
             "coordinator_not_reading": 0,
             "split_waves": 0,  # first stage: waves sent on as one batch per stage
             "partner_waits": 0,  # rounds that waited for the rest of a kept batch
@@ -201,7 +234,10 @@ class Worker:
     # -- lifecycle --------------------------------------------------------------
 
     def close(self) -> None:
-        for s in (self.control, self.data, self.next, self.report, self.loop):
+        self.control_stop.set()
+        if self.control_thread is not None:
+            self.control_thread.join()
+        for s in (self.control, self.commands_peer, self.commands, self.data, self.next, self.report, self.loop):
             if s is not None:
                 s.close(linger=0)
         if self.curve is not None:
@@ -209,8 +245,10 @@ class Worker:
         self.ctx.term()
 
     def run(self) -> None:
+        self.control_thread = threading.Thread(target=self._serve_control, name="control", daemon=True)
+        self.control_thread.start()
         poller = zmq.Poller()
-        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.commands, zmq.POLLIN)
         poller.register(self.data, zmq.POLLIN)
         logger.info(
             "worker_started",
@@ -226,12 +264,15 @@ class Worker:
         while self.running:
             busy = self.loader is not None or self.pending
             events = dict(poller.poll(0 if busy else self._poll_ms()))
-            if self.control in events:
-                self.control.send_multipart(self.handle_command(self.control.recv_multipart(copy=False)))
-            if self.data in events or self.pending:
+            if self.commands in events:
+                envelope, frames = _split_envelope(self.commands.recv_multipart())
+                self.commands.send_multipart(envelope + self.handle_command(frames))
+            self._apply_queued_releases()
+            if self.data in events or self.pending or self.deferred:
                 batch, self.pending = self.pending, []
                 if self.data in events:
                     batch += self._drain(batch)
+                batch, self.deferred = self.deferred + batch, []  # the waiting first, in order
                 self.handle_data(*batch)
             if self.outbox:
                 self._flush_tokens()
@@ -239,6 +280,52 @@ class Worker:
                 self._load_step()
             self._evict_idle()
         logger.info("worker_stopped")
+
+    # -- the control thread -----------------------------------------------------
+
+    def _serve_control(self) -> None:
+        """Answer ping and health at once; pass every other command to the
+        main loop and its answer back. Owns `control` and `commands_peer`."""
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.commands_peer, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(POLL_MS))
+            if self.commands_peer in events:
+                self.control.send_multipart(self.commands_peer.recv_multipart())
+            if self.control in events and (split := _split_envelope(self.control.recv_multipart())):
+                envelope, frames = split
+                reply = self._thread_command(frames)
+                if reply is None:
+                    self.commands_peer.send_multipart(envelope + frames)
+                else:
+                    self.control.send_multipart(envelope + reply)
+            if self.control_stop.is_set() and not events:
+                return
+
+    def _thread_command(self, frames: list) -> list | None:
+        """The reply to a command this thread answers itself, or None: the
+        main loop's (a malformed message is answered here)."""
+        try:
+            msg = wire.decode(frames)
+        except wire.WireError:
+            return self.handle_command(frames)
+        if msg.kind != "command" or msg.header["cmd"] not in THREAD_COMMANDS:
+            return None if msg.kind == "command" else self.handle_command(frames)
+        return self.handle_command(frames)
+
+    def _apply_queued_releases(self) -> None:
+        """Releases the coordinator's reconciliation asked for (through
+        `health`): applied before this round admits anything."""
+        while True:
+            try:
+                req = self.to_release.get_nowait()
+            except queue.Empty:
+                return
+            if req not in self.released or (self.stage and req in self.stage.requests):
+                log.bind_request(req)
+                logger.info("request_reconciled", had_cache=self._forget(req))
+                log.bind_request(None)
 
     def _evict_idle(self) -> None:
         """Free the caches of requests nobody has driven for a long time (a
@@ -328,12 +415,32 @@ class Worker:
         return {"name": self.me.name, "state": self.state, "pid": os.getpid(), "time": time.time()}
 
     def cmd_health(self, args: dict) -> dict:
+        """Answered by the control thread, also while the main loop computes:
+        reads only what one assignment replaces whole, or copies first.
+        `release`: ids the coordinator does not own (any this stage still
+        holds is freed before the main loop's next admission)."""
+        release = args.get("release", [])
+        if not isinstance(release, list) or len(release) > MAX_HEALTH_RELEASES:
+            raise ValueError(f"health: release must be a list of at most {MAX_HEALTH_RELEASES} request ids")
+        if not all(isinstance(r, str) and 0 < len(r) <= wire.MAX_ID_CHARS for r in release):
+            raise ValueError("health: release must hold request ids (strings)")
+        for req in release:
+            self.to_release.put(req)
         out = self.cmd_ping(args)
+        stage, spec, doing = self.stage, self.spec, self.doing
+        active = stage.requests.copy() if stage else {}
+        busy = None
+        if doing is not None:
+            busy = {k: v for k, v in doing.items() if k != "since"}
+            busy["for_s"] = round(time.monotonic() - doing["since"], 3)
         out.update(
             error=self.error,
             progress=dict(self.progress),
-            layers=[self.spec.start, self.spec.end] if self.spec else None,
-            requests=len(self.stage.requests) if self.stage else 0,
+            layers=[spec.start, spec.end] if spec else None,
+            requests=len(active),
+            max_requests=stage.max_requests if stage else 0,
+            active=[[req, state.offset] for req, state in active.items()],
+            busy=busy,
             memory_bytes=mx.get_active_memory(),
             uptime_s=time.time() - self.started,
         )
@@ -453,6 +560,7 @@ class Worker:
             # Tokens are small, and a coordinator streaming text may lag a little.
             sock.setsockopt(zmq.SNDHWM, TOKEN_HWM if address == spec.report_address else DATA_HWM)
             sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+            keep_alive(sock, heartbeats=self.curve is None)
             if self.curve is not None:
                 self.curve.client(sock, security.owner_of(self.cfg, address))
             sock.connect(address)
@@ -471,7 +579,9 @@ class Worker:
         t0 = time.monotonic()
         try:
             index = tensor_index(model_dir)
-            n_layers = read_config(model_dir)["num_hidden_layers"]
+            model_config = read_config(model_dir)
+            check_layer_count(index, model_config, model_dir)
+            n_layers = model_config["num_hidden_layers"]
             names = stage_tensor_names(index, spec.start, spec.end, first=spec.start == 0, last=spec.end == n_layers)
             weights = sum(index[n].nbytes for n in names)
             stage = StageAssignment(self.me.name, spec.start, spec.end, weights, spec.reserve_bytes, memory_bytes=0)
@@ -549,14 +659,18 @@ class Worker:
                 logger.warning("bad_data_message", error=f"unexpected kind {msg.kind} on the data socket")
                 continue
             queues.setdefault(msg.header["req"], []).append(msg)
+        # Releases first: they free room before this round admits anyone, and
+        # whatever else the batch holds for a released request is dead.
+        for req, q in list(queues.items()):
+            if any(m.kind == "release" for m in q):
+                dropped = sum(m.kind == "forward" for m in q)
+                self.counters["dropped_after_release"] += dropped
+                del queues[req]
+                self._release(req)
         while queues:
             wave = [q.pop(0) for q in queues.values()]
             queues = {req: q for req, q in queues.items() if q}
-            for m in wave:  # first: a wave holds one message per request, so these free room
-                if m.kind == "release":
-                    self._release(m.header["req"])
-            forwards = [m for m in wave if m.kind == "forward"]
-            for part in self._micro_batches(forwards):
+            for part in self._micro_batches(wave):
                 self._forward(part)
 
     def _micro_batches(self, forwards: list[wire.Message]) -> list[list[wire.Message]]:
@@ -587,12 +701,19 @@ class Worker:
         log.bind_request(None)
 
     def _forget(self, req: str) -> bool:
-        """Free a request's cache; remember the id so its steps still on the
-        ring are dropped quietly. True if this stage held it."""
-        self.released[req] = None
+        """Free a request's cache and tombstone the id: its steps still on the
+        ring, or queued anywhere, are dropped quietly. True if this stage held it."""
+        now = time.monotonic()
+        self.released.pop(req, None)
+        self.released[req] = now
         self.outbox.pop(req, None)
         self.sent_at.pop(req, None)
-        while len(self.released) > RELEASED_MEMORY:
+        self.pending = [m for m in self.pending if m.header["req"] != req]
+        self.deferred = [m for m in self.deferred if m.header["req"] != req]
+        self.waiting.discard(req)
+        while self.released and (
+            len(self.released) > MAX_TOMBSTONES or now - next(iter(self.released.values())) > TOMBSTONE_S
+        ):
             self.released.popitem(last=False)
         return bool(self.stage and self.stage.release(req))
 
@@ -609,11 +730,25 @@ class Worker:
             return
         steps = []
         live = []
+        room = stage.max_requests - len(stage.requests)
         for m in msgs:
             h = m.header
-            if h["req"] in self.released and h["offset"] > 0 and h["req"] not in stage.requests:
-                self.counters["dropped_after_release"] += 1  # a ring step that was on its way
+            if h["req"] in self.released:
+                self.counters["dropped_after_release"] += 1  # on its way when the request ended
                 continue
+            opens = h["offset"] == 0 and h["req"] not in stage.requests
+            if opens and room <= 0:
+                # A full stage: the newcomer waits its turn (a slot frees when a
+                # release arrives), its later chunks behind it.
+                if h["req"] not in self.waiting:
+                    self.counters["admissions_deferred"] += 1
+                    logger.info("admission_deferred", request_id=h["req"], in_flight=len(stage.requests))
+                self.waiting.add(h["req"])
+            if h["req"] in self.waiting and not (opens and room > 0):
+                self.deferred.append(m)
+                continue
+            self.waiting.discard(h["req"])
+            room -= opens
             live.append(m)
             if h["offset"] == 0 and h["req"] not in stage.requests:
                 self.counters["requests_started"] += 1
@@ -626,11 +761,31 @@ class Worker:
         msgs = live
         if not msgs:
             return
+        t0 = time.monotonic()
+        self.doing = {
+            "what": "forward",
+            "requests": [s.req for s in steps],
+            "offsets": [s.offset for s in steps],
+            "tokens": sum(s.x.shape[1] for s in steps),
+            "since": t0,
+        }
         try:
             results = stage.forward_many(steps)
         except Exception as e:  # noqa: BLE001 - a failed forward must not take the daemon down
             logger.exception("forward_failed")
             results = [StageError(f"forward failed: {type(e).__name__}: {e}")] * len(steps)
+        finally:
+            self.doing = None
+        seconds = time.monotonic() - t0
+        if seconds > self.cfg.runtime.liveness_timeout_s:
+            # Reported, not replayed: the control thread answered throughout.
+            self.counters["long_steps"] += 1
+            logger.warning(
+                "long_step",
+                seconds=round(seconds, 3),
+                requests=[s.req for s in steps],
+                tokens=sum(s.x.shape[1] for s in steps),
+            )
         for m, result in zip(msgs, results):
             h = m.header
             if isinstance(result, StageError):
@@ -712,6 +867,16 @@ class Worker:
 
 def _reply(fields: dict) -> list:
     return wire.encode("reply", {**fields, "versions": versions.local_versions()})
+
+
+def _split_envelope(frames: list) -> tuple[list, list] | None:
+    """A ROUTER message's routing envelope (up to the empty delimiter) and the
+    message after it; None without a delimiter (not from a REQ socket: dropped,
+    as a REP socket drops it)."""
+    for i, frame in enumerate(frames[1:], 1):
+        if not len(frame):
+            return frames[: i + 1], frames[i + 1 :]
+    return None
 
 
 def _decoded(frames) -> wire.Message | list:

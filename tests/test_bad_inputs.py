@@ -116,6 +116,8 @@ BAD_FIELDS = [
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"content": "no role"}]}, "messages[0]"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "\x009\x00", "content": "hi"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "", "content": "hi"}]}, "messages[0].role"),
     (
         "/v1/chat/completions",
         {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},

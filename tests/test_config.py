@@ -65,7 +65,7 @@ def test_decode_mode_is_compiled_or_eager(tmp_path):
         ({"bandwidth_gbs": 0}, "bandwidth_gbs"),
         ({"control_port": 70000}, "control_port"),
         ({"layers": [3]}, "layers"),
-        ({"colour": "red"}, "unknown keys"),
+        ({"colour": "red"}, "unknown key 'colour'"),
     ],
 )
 def test_bad_worker_entries_are_named(tmp_path, change, message):
@@ -120,3 +120,36 @@ def test_every_numeric_setting_has_a_range(tmp_path):
         "plan": {"memory_fraction": 1},
     }
     assert parse_config(top, tmp_path / "k.toml").plan.memory_fraction == 1.0
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"security": {"apikey": "s3cret"}}, r"\[security\]: unknown key 'apikey'; did you mean 'api_key'\?"),
+        ({"security": {"curve_dri": "keys"}}, r"\[security\]: unknown key 'curve_dri'; did you mean 'curve_dir'\?"),
+        ({"coordinator": {"api_prot": 8000}}, r"\[coordinator\]: unknown key 'api_prot'; did you mean 'api_port'\?"),
+        ({"logging": {"dri": "log"}}, r"\[logging\]: unknown key 'dri'; did you mean 'dir'\?"),
+        (
+            {"runtime": {"liveness_timeout": 9.0}},
+            r"unknown key 'liveness_timeout'; did you mean 'liveness_timeout_s'\?",
+        ),
+        ({"securty": {"api_key": "s3cret"}}, r"unknown section 'securty'; did you mean 'security'\?"),
+        ({"security": {"api_key": 12345}}, r"\[security\]: api_key"),
+        ({"security": {"api_key": " "}}, r"\[security\]: api_key is empty"),
+        ({"security": {"curve_dir": ""}}, r"\[security\]: curve_dir is empty"),
+        ({"security": {"curve_dir": ["keys"]}}, r"\[security\]: curve_dir"),
+        ({"security": "open"}, r"\[security\] must be a table"),
+        ({"logging": {"dir": 3}}, r"\[logging\]: dir"),
+    ],
+)
+def test_a_misspelt_or_unreadable_setting_stops_the_daemon_naming_the_nearest_key(tmp_path, data, message):
+    """A typo must never pass silently: `apikey` would leave the API open and
+    `curve_dri` the sockets on plain TCP."""
+    base = {"model": {"path": "m"}, "workers": [WORKER]}
+    with pytest.raises(ConfigError, match=message):
+        parse_config({**base, **data}, tmp_path / "k.toml")
+
+
+def test_a_misspelt_model_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[model\]: unknown key 'nmae'; did you mean 'name'\?"):
+        parse_config({"model": {"path": "m", "nmae": "x"}, "workers": [WORKER]}, tmp_path / "k.toml")
