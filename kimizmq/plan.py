@@ -38,6 +38,7 @@ import click
 from .checkpoint import (
     CheckpointError,
     LayerSizes,
+    cache_bytes_per_layer,
     config_dtype_bytes,
     kv_bytes_per_token_per_layer,
     layer_sizes,
@@ -282,11 +283,11 @@ def make_plan(config: Config, sizes: LayerSizes | None = None, *, model_config: 
     workers = config.workers
 
     rt = config.runtime
-    kv_per_layer = (
-        kv_bytes_per_token_per_layer(model_config, kv_dtype_bytes(config, model_config))
-        * rt.max_context
-        * rt.max_concurrent
-    )
+    reserve = [0]
+    for b in cache_bytes_per_layer(
+        model_config, n, kv_dtype_bytes(config, model_config), rt.max_context, rt.max_concurrent
+    ):
+        reserve.append(reserve[-1] + b)
     margin = int(config.plan.runtime_margin_gb * GIB)
     usable = [_usable_bytes(config, w) for w in workers]
     for w, u in zip(workers, usable):
@@ -311,7 +312,7 @@ def make_plan(config: Config, sizes: LayerSizes | None = None, *, model_config: 
         return total
 
     def memory_score(i: int, j: int, k: int) -> float:
-        return (weights(j, k) + kv_per_layer * (k - j)) / (usable[i] - margin)
+        return (weights(j, k) + reserve[k] - reserve[j]) / (usable[i] - margin)
 
     def bandwidth_score(i: int, j: int, k: int) -> float:
         if memory_score(i, j, k) > 1:
@@ -331,7 +332,7 @@ def make_plan(config: Config, sizes: LayerSizes | None = None, *, model_config: 
             start=j,
             end=k,
             weight_bytes=weights(j, k),
-            reserved_bytes=kv_per_layer * (k - j) + margin,
+            reserved_bytes=reserve[k] - reserve[j] + margin,
             memory_bytes=u,
         )
         for w, u, j, k in zip(workers, usable, bounds, bounds[1:])

@@ -39,7 +39,7 @@ import mlx.core as mx
 import zmq
 
 from . import log, security, wire
-from .checkpoint import CheckpointError, read_config, stage_tensor_names, tensor_index
+from .checkpoint import CheckpointError, read_config, stage_tensor_names, tensor_index, text_config
 from .config import Config, ConfigError, WorkerConfig, load_config
 from .plan import StageAssignment, available_memory_bytes, check_stage_memory
 from .shard import ShardError, compiled_decode, iter_load_shard
@@ -455,7 +455,7 @@ class Worker:
         t0 = time.monotonic()
         try:
             index = tensor_index(model_dir)
-            n_layers = read_config(model_dir)["num_hidden_layers"]
+            n_layers = text_config(read_config(model_dir))["num_hidden_layers"]
             names = stage_tensor_names(index, spec.start, spec.end, first=spec.start == 0, last=spec.end == n_layers)
             weights = sum(index[n].nbytes for n in names)
             stage = StageAssignment(self.me.name, spec.start, spec.end, weights, spec.reserve_bytes, memory_bytes=0)
@@ -573,7 +573,7 @@ class Worker:
         return bool(self.stage and self.stage.release(req))
 
     def _n_layers(self) -> int:
-        return self.stage.shard.config["num_hidden_layers"] if self.stage else 0
+        return text_config(self.stage.shard.config)["num_hidden_layers"] if self.stage else 0
 
     def _forward(self, msgs: list[wire.Message]) -> None:
         if not msgs:
@@ -598,7 +598,7 @@ class Worker:
                     request_id=h["req"],
                     tokens=m.tensors[0].shape[1],  # (1, L) token ids or (1, L, D) activations
                 )
-            steps.append(Step(h["req"], h["offset"], m.tensors[0], h["sample"], h["params"]))
+            steps.append(Step(h["req"], h["offset"], m.tensors[0], h["sample"], h["params"], tuple(m.tensors[1:])))
         msgs = live
         if not msgs:
             return
@@ -616,7 +616,8 @@ class Worker:
                 log.bind_request(None)
             elif result.activations is not None:
                 header = {k: h[k] for k in ("req", "seq", "offset", "sample", "params", "stop_at", "eos") if k in h}
-                self._send(self.next, wire.encode("forward", header, [result.activations]), "next")
+                tensors = [result.activations, *result.extra]  # + attention-residual blocks (Kimi K3)
+                self._send(self.next, wire.encode("forward", header, tensors), "next")
             elif result.token is not None:
                 self._deliver(h, m.tensors[0].shape[1], result)
 
