@@ -437,12 +437,12 @@ def mlx_quantization(config: dict, model_dir: str | Path | None = None) -> dict 
 
 
 def routed_experts_only(config: dict) -> bool:
-    """A compressed-tensors checkpoint as Moonshot publishes one: only the
-    routed experts are packed; its `ignore` list keeps attention, shared
-    experts, dense MLPs and lm_head in bfloat16, and the router and
-    embeddings are no Linear it targets."""
+    """A compressed-tensors checkpoint as Moonshot publishes one (or NVIDIA's
+    ModelOpt NVFP4 one): only the routed experts are packed; its `ignore`
+    list keeps attention, shared experts, dense MLPs and lm_head in
+    bfloat16, and the router and embeddings are no Linear it targets."""
     qc = text_config(config).get("quantization_config")
-    return isinstance(qc, dict) and qc.get("quant_method") == COMPRESSED_TENSORS
+    return isinstance(qc, dict) and qc.get("quant_method") in (COMPRESSED_TENSORS, "modelopt")
 
 
 def is_fp8(config: dict) -> bool:

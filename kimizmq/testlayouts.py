@@ -298,14 +298,15 @@ def _published_k3(params: dict, config: dict) -> dict[str, mx.array]:
 
 
 def build_weights(layout: str, config: dict, seed: int) -> dict[str, mx.array]:
-    params, model = _float_params(config, seed)
-    cast = model.cast_predicate
+    params, _ = _float_params(config, seed)
     if layout == "k3":
         published = _published_k3(params, config)
     else:
         published = _published_k2(params, config, TEXT_PREFIX if layout == "k25" else "")
-    for name, v in params.items():  # what is left is stored unquantized, as the originals store it
-        published[name] = v if any(k in name for k in FLOAT32_KEPT) or not cast(name) else v.astype(mx.bfloat16)
+    published.update(params)  # what is left is stored unquantized
+    for name, v in published.items():  # in bfloat16, as the originals store it
+        if v.dtype == mx.float32 and not any(k in name for k in FLOAT32_KEPT):
+            published[name] = v.astype(mx.bfloat16)
     if layout != "int4":
         for i, (name, shape) in enumerate(DUMMY_VISION.items()):
             published[name] = tm.init_weight(name, shape, seed + i).astype(mx.bfloat16)
