@@ -3,6 +3,7 @@ for the MLX-converted Kimi-K2 layout these sit beside).
 
 | layout | as published by                  | config.json                            | weights                                           |
 |--------|----------------------------------|----------------------------------------|---------------------------------------------------|
+| kvb    | older MLX conversions of Kimi-K2 | kimi_k2, MLX quantization block        | MLX-quantized, with a quantized kv_b_proj         |
 | int4   | Kimi-K2-Thinking                 | kimi_k2, compressed-tensors int4 (g32) | routed experts packed per expert, the rest bf16   |
 | k25    | Kimi-K2.5 / K2.6                 | kimi_k25, nested text_config (int4)    | the same under `language_model.`, a vision tower  |
 | k3     | Kimi K3                          | kimi_k3, nested kimi_linear, MXFP4     | KDA and MLA layers, attention residuals, vision   |
@@ -30,7 +31,7 @@ from mlx_lm.utils import _get_classes
 
 from . import testmodel as tm
 
-LAYOUTS = ("int4", "k25", "k3")
+LAYOUTS = ("kvb", "int4", "k25", "k3")
 INT4_GROUP = 32  # compressed-tensors pack-quantized, as K2-Thinking and K2.5 store it
 K3_BLOCK_SIZE = 12  # Kimi K3's attn_res_block_size
 TEXT_PREFIX = "language_model."
@@ -113,6 +114,42 @@ DUMMY_VISION = {
 }
 
 
+# Kimi K3's added tokens, as offsets from its first special id (163584), from
+# its tokenizer's published ids (../shared/reference/kimi-k3/NOTES.md); the K2
+# chat tokens (<|im_user|>, ...) are gone.
+K3_SPECIAL_TOKEN_OFFSETS = {
+    "[BOS]": 0,
+    "[EOS]": 1,
+    "<|end_of_msg|>": 2,
+    "<|open|>": 3,
+    "<|close|>": 4,
+    "<|sep|>": 5,
+    "<|media_pad|>": 21,
+    "[UNK]": 254,
+    "[PAD]": 255,
+}
+
+
+def k3_tokenizer_config() -> dict:
+    """tokenizer_config.json with K3's special tokens (its chat template is a
+    separate chat_template.jinja, see make_layout_model)."""
+    config = tm.tokenizer_config()
+    config["added_tokens_decoder"] = {
+        str(tm.BASE_VOCAB + offset): {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for token, offset in K3_SPECIAL_TOKEN_OFFSETS.items()
+    }
+    config["additional_special_tokens"] = ["<|end_of_msg|>", "<|open|>", "<|close|>", "<|sep|>", "<|media_pad|>"]
+    del config["chat_template"]
+    return config
+
+
 def k2_text_config(num_layers: int) -> dict:
     """The tiny Kimi-K2 text model with K2-Thinking's int4 block in place of an MLX one."""
     config = tm.model_config(num_layers)
@@ -187,6 +224,8 @@ def k3_text_config(num_layers: int) -> dict:
 
 
 def model_config(layout: str, num_layers: int) -> dict:
+    if layout == "kvb":
+        return tm.model_config(num_layers)
     if layout == "int4":
         return k2_text_config(num_layers)
     text = k2_text_config(num_layers) if layout == "k25" else k3_text_config(num_layers)
@@ -297,7 +336,28 @@ def _published_k3(params: dict, config: dict) -> dict[str, mx.array]:
     return out
 
 
+def _quantized_kv_b_proj(config: dict, seed: int) -> dict[str, mx.array]:
+    """The Kimi-K2 test model as older mlx-lm conversions stored it: embed_q
+    and unembed_out joined back into one kv_b_proj, quantized like the rest."""
+    weights, _ = tm.build_weights(config, seed)
+    for layer in range(config["num_hidden_layers"]):
+        a = f"model.layers.{layer}.self_attn"
+        parts = {}
+        for name in ("embed_q", "unembed_out"):
+            w, scales, biases = (weights.pop(f"{a}.{name}.{k}") for k in ("weight", "scales", "biases"))
+            bits = w.shape[-1] * 32 // (scales.shape[-1] * tm.GROUP_SIZE)
+            parts[name] = mx.dequantize(w, scales, biases, group_size=tm.GROUP_SIZE, bits=bits)
+        params = {f"{a}.embed_q.weight": parts["embed_q"], f"{a}.unembed_out.weight": parts["unembed_out"]}
+        kv_b = _kv_b_proj(params, a)
+        q = mx.quantize(kv_b, group_size=tm.GROUP_SIZE, bits=4)
+        weights.update({f"{a}.kv_b_proj.{k}": v for k, v in zip(("weight", "scales", "biases"), q)})
+    mx.eval(weights)
+    return dict(sorted(weights.items()))
+
+
 def build_weights(layout: str, config: dict, seed: int) -> dict[str, mx.array]:
+    if layout == "kvb":
+        return _quantized_kv_b_proj(config, seed)
     params, _ = _float_params(config, seed)
     if layout == "k3":
         published = _published_k3(params, config)
@@ -307,14 +367,14 @@ def build_weights(layout: str, config: dict, seed: int) -> dict[str, mx.array]:
     for name, v in published.items():  # in bfloat16, as the originals store it
         if v.dtype == mx.float32 and not any(k in name for k in FLOAT32_KEPT):
             published[name] = v.astype(mx.bfloat16)
-    if layout != "int4":
+    if layout != "int4":  # k25, k3
         for i, (name, shape) in enumerate(DUMMY_VISION.items()):
             published[name] = tm.init_weight(name, shape, seed + i).astype(mx.bfloat16)
     mx.eval(published)
     return dict(sorted(published.items()))
 
 
-def write_layout_model(path: Path, layout: str, seed: int, num_layers: int) -> None:
+def write_layout_model(path: Path, layout: str, seed: int, num_layers: int, chat_template: Path | None) -> None:
     config = model_config(layout, num_layers)
     weights = build_weights(layout, config, seed)
     vision = {k: v for k, v in weights.items() if k.startswith(("vision_tower.", "mm_projector."))}
@@ -331,19 +391,30 @@ def write_layout_model(path: Path, layout: str, seed: int, num_layers: int) -> N
     ranks = tm.train_bpe(tm.CORPUS, tm.BASE_VOCAB)
     lines = [b64encode(t) + b" %d\n" % r for t, r in sorted(ranks.items(), key=lambda kv: kv[1])]
     (path / "tiktoken.model").write_bytes(b"".join(lines))
-    tm.write_json(path / "tokenizer_config.json", tm.tokenizer_config())
+    tm.write_json(path / "tokenizer_config.json", k3_tokenizer_config() if layout == "k3" else tm.tokenizer_config())
     (path / "tokenization_kimi.py").write_text(tm.TRIPWIRE_SOURCE)
+    if chat_template is not None:  # as K2-Thinking and K3 publish theirs, beside tokenizer_config.json
+        shutil.copyfile(chat_template, path / "chat_template.jinja")
 
 
-def make_layout_model(path: str | Path, layout: str, *, seed: int = 0, num_layers: int = 7) -> Path:
+def make_layout_model(
+    path: str | Path, layout: str, *, seed: int = 0, num_layers: int = 7, chat_template: Path | None = None
+) -> Path:
     """Write a tiny model in `layout` (one of LAYOUTS) to `path`; like
-    testmodel.make_test_model, left alone when already there, never half-written."""
+    testmodel.make_test_model, left alone when already there, never half-written.
+
+    `chat_template`: a published chat_template.jinja to ship with it (read
+    from ../shared/reference by the tests); without one the int4 and k25
+    models keep the Kimi-K2 template in tokenizer_config.json and the k3
+    model has none."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if num_layers < 2:
         raise ValueError(f"num_layers must be at least 2 (got {num_layers})")
     path = Path(path)
     want = {**tm.stamp(seed, num_layers), "layout": layout, "layouts_sha256": _source_hash()}
+    if chat_template is not None:
+        want["chat_template_sha256"] = hashlib.sha256(Path(chat_template).read_bytes()).hexdigest()
     if tm.read_stamp(path) == want:
         return path
     if path.exists() and tm.read_stamp(path) is None and any(path.iterdir()):
@@ -353,7 +424,7 @@ def make_layout_model(path: str | Path, layout: str, *, seed: int = 0, num_layer
     tmp.chmod(0o755)
     try:
         with mx.stream(mx.cpu):
-            write_layout_model(tmp, layout, seed, num_layers)
+            write_layout_model(tmp, layout, seed, num_layers, chat_template)
         tm.write_json(tmp / tm.STAMP_NAME, want)
         tm.replace_dir(tmp, path, want)
     finally:

@@ -8,20 +8,32 @@ MLA attention with attention residuals and MXFP4 experts."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import threading
+from pathlib import Path
 
+import jinja2
+import jinja2.ext
 import mlx.core as mx
 import numpy as np
 import pytest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from kimizmq.checkpoint import stage_tensor_names, tensor_index
 from kimizmq.local import LocalCluster, write_config
 from kimizmq.shard import load_shard
 from kimizmq.stage import Stage, StageError, Step
-from kimizmq.testlayouts import make_layout_model
+from kimizmq.testlayouts import (
+    INT4_QUANTIZATION_CONFIG,
+    K3_SPECIAL_TOKEN_OFFSETS,
+    MXFP4_QUANTIZATION_CONFIG,
+    make_layout_model,
+)
+from kimizmq.tokenizer import load_tokenizer
 from tests.conftest import REPO
-from tests.support import complete_ids, worker_stats
+from tests.support import complete_ids, greedy_body, log_events, open_stream, wait_until, worker_stats
 from tests.test_pipeline import reference_greedy
 
 N_TOKENS = 24
@@ -29,9 +41,26 @@ PROMPT = [5, 17, 99, 230, 41, 7, 300, 12, 64, 8, 150, 77, 3, 201, 45, 11, 90, 33
 K3_LAYERS = 14  # two attention-residual blocks of 12; MLA at 0-based 3, 7, 11, 13
 
 
+REFERENCE = REPO.parent / "shared" / "reference"  # ../shared/reference: real Kimi metadata
+K2_THINKING_TEMPLATE = REFERENCE / "kimi-k2-thinking" / "chat_template.jinja"
+K3_TEMPLATE = REFERENCE / "kimi-k3" / "chat_template.llama-cpp-port.jinja"
+
+
+def _published(template: Path) -> Path | None:
+    return template if template.is_file() else None
+
+
 @pytest.fixture(scope="module")
 def int4_model():
-    return make_layout_model(REPO / "models" / "test-layout-int4-layers7", "int4", num_layers=7)
+    """K2-Thinking's layout, with its chat template where ../shared/reference has it."""
+    template = _published(K2_THINKING_TEMPLATE)
+    name = f"test-layout-int4-layers7{'-template' if template else ''}"
+    return make_layout_model(REPO / "models" / name, "int4", num_layers=7, chat_template=template)
+
+
+@pytest.fixture(scope="module")
+def kvb_model():
+    return make_layout_model(REPO / "models" / "test-layout-kvb-layers7", "kvb", num_layers=7)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +70,10 @@ def k25_model():
 
 @pytest.fixture(scope="module")
 def k3_model():
-    return make_layout_model(REPO / "models" / f"test-layout-k3-layers{K3_LAYERS}", "k3", num_layers=K3_LAYERS)
+    """K3's layout, with (the llama.cpp port of) its chat template where ../shared/reference has it."""
+    template = _published(K3_TEMPLATE)
+    name = f"test-layout-k3-layers{K3_LAYERS}{'-template' if template else ''}"
+    return make_layout_model(REPO / "models" / name, "k3", num_layers=K3_LAYERS, chat_template=template)
 
 
 def _oracle(model, tmp_path, n_workers, layers):
@@ -63,6 +95,10 @@ SPLITS_7 = [(1, None), (2, None), (3, [(0, 1), (1, 5), (5, 7)])]
 @pytest.mark.parametrize("n_workers,layers", SPLITS_7, ids=["1-stage", "2-stages", "3-stages"])
 def test_k2_thinking_int4_compressed_tensors_equals_mlx_lm(int4_model, tmp_path, n_workers, layers):
     _oracle(int4_model, tmp_path, n_workers, layers)
+
+
+def test_older_mlx_conversion_with_quantized_kv_b_proj_equals_mlx_lm(kvb_model, tmp_path):
+    _oracle(kvb_model, tmp_path, 2, None)
 
 
 @pytest.mark.parametrize("n_workers,layers", SPLITS_7, ids=["1-stage", "2-stages", "3-stages"])
@@ -151,3 +187,87 @@ def test_vision_weights_are_never_read(fixture, request):
     before = rchar()
     load_shard(model, 0, n_layers)
     assert rchar() - before <= 1.1 * text
+
+
+@pytest.mark.skipif(not K3_TEMPLATE.is_file(), reason=f"needs {K3_TEMPLATE} (../shared/reference)")
+def test_k3_chat_renders_its_template_with_its_special_tokens(k3_model):
+    """The K3 model's chat prompt is its template's text, byte for byte, with
+    K3's markers as their special ids (<|open|> = first special + 3, ...),
+    and its end of message stops generation."""
+    tok = load_tokenizer(k3_model)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say <|sep|> café"}]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    want = env.from_string(K3_TEMPLATE.read_text()).render(messages=messages, add_generation_prompt=True)
+    ids = tok.apply_chat_template(messages)
+    assert tok.decode(ids) == want
+    first = 1024  # the tiny vocabulary's first special id
+    for token in ("<|open|>", "<|sep|>", "<|close|>", "<|end_of_msg|>"):
+        assert tok.encode(token, allow_special=True) == [first + K3_SPECIAL_TOKEN_OFFSETS[token]]
+    assert ids.count(first + K3_SPECIAL_TOKEN_OFFSETS["<|sep|>"]) == want.count("<|sep|>") - 1  # one is user text
+    assert first + K3_SPECIAL_TOKEN_OFFSETS["<|end_of_msg|>"] in tok.eos_token_ids
+
+
+@pytest.mark.skipif(not K2_THINKING_TEMPLATE.is_file(), reason=f"needs {K2_THINKING_TEMPLATE}")
+def test_k2_thinking_chat_uses_its_published_template(int4_model):
+    tok = load_tokenizer(int4_model)
+    text = tok.decode(tok.apply_chat_template([{"role": "user", "content": "Hi"}]))
+    assert (int4_model / "chat_template.jinja").read_bytes() == K2_THINKING_TEMPLATE.read_bytes()
+    assert text.endswith("<|im_assistant|>assistant<|im_middle|>") and "<|im_user|>user<|im_middle|>Hi" in text
+
+
+def test_layouts_are_written_as_published(int4_model, k3_model):
+    """The tiny models hold what the published files hold: Hugging Face names
+    and dtypes (per-expert int32-packed int4 with bf16 scales, K3's
+    byte-packed MXFP4 experts, kv_b_proj, torch-shaped convolutions), the
+    published quantization blocks verbatim, the vision tower in its own file."""
+    reference = REPO / "etc" / "reference"
+    k25 = json.loads((reference / "kimi-k2.5.config.json").read_text())
+    k3 = json.loads((reference / "kimi-k3.config.json").read_text())
+    assert k25["text_config"]["quantization_config"] == INT4_QUANTIZATION_CONFIG
+    assert k3["text_config"]["quantization_config"] == MXFP4_QUANTIZATION_CONFIG
+
+    int4 = tensor_index(int4_model)
+    expert = "model.layers.1.mlp.experts.0.down_proj"
+    assert [int4[f"{expert}.{k}"].dtype for k in ("weight_packed", "weight_scale", "weight_shape")] == [
+        "I32",
+        "BF16",
+        "I32",
+    ]
+    assert int4["model.layers.1.self_attn.kv_b_proj.weight"].dtype == "BF16"
+    assert not [n for n in int4 if "switch_mlp" in n or "embed_q" in n or n.endswith(".scales")]
+
+    index = tensor_index(k3_model)
+    w1 = index["language_model.model.layers.1.block_sparse_moe.experts.0.w1.weight_packed"]
+    assert (w1.dtype, w1.shape) == ("U8", (64, 32))  # two 4-bit values a byte
+    assert index["language_model.model.layers.1.block_sparse_moe.experts.0.w1.weight_scale"].shape == (64, 2)
+    assert index["language_model.model.layers.0.self_attn.q_conv1d.weight"].shape == (64, 1, 4)
+    assert "language_model.model.layers.3.self_attn.kv_b_proj.weight" in index
+    assert "language_model.model.output_attn_res.proj_weight" in index
+    assert {index[n].file.name for n in index if n.startswith("vision_tower.")} == {"model-vision.safetensors"}
+
+
+def test_k3_request_replayed_after_a_worker_loss_completes_identically(k3_model, tmp_path):
+    """The worker holding K3's later layers is killed mid-stream and
+    restarted: the request is replayed from its tokens, every recurrent state
+    and KV cache rebuilt, and the stream ends with mlx-lm's tokens."""
+    n = 40
+    ref_tokens, _ = reference_greedy(k3_model, PROMPT, n)
+    runtime = {"heartbeat_interval_s": 0.2, "liveness_timeout_s": 1.0, "prefill_chunk": 4, "stream_interval_ms": 0}
+    cfg = write_config(tmp_path / "kimi.toml", k3_model, 2, layers=[(0, 4), (4, K3_LAYERS)], runtime=runtime)
+    with LocalCluster(cfg) as cluster:
+        victim = cluster.workers["w1"]
+        ids: list[int] = []
+        with open_stream(cluster.api, greedy_body(PROMPT, n)) as stream:
+            for line in stream:
+                if not line.startswith(b"data: {"):
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                ids += (choice.get("logprobs") or {}).get("token_ids", [])
+                if len(ids) == 8 and victim.poll() is None:
+                    os.kill(victim.pid, signal.SIGKILL)
+                    victim.wait()
+                    wait_until(lambda: cluster.health()[1].get("status") == "degraded", "the coordinator to notice")
+                    cluster.start_worker("w1")
+        replays = log_events(cluster, "coordinator", "request_replayed")
+    assert ids == ref_tokens
+    assert len(replays) == 1
