@@ -4,6 +4,7 @@ for the MLX-converted Kimi-K2 layout these sit beside).
 | layout | as published by                  | config.json                            | weights                                           |
 |--------|----------------------------------|----------------------------------------|---------------------------------------------------|
 | kvb    | older MLX conversions of Kimi-K2 | kimi_k2, MLX quantization block        | MLX-quantized, with a quantized kv_b_proj         |
+| fp8    | Kimi-K2-Instruct (0711, 0905)    | kimi_k2, FP8 e4m3 blocks of 128        | Linear weights F8_E4M3 + weight_scale_inv, bf16   |
 | int4   | Kimi-K2-Thinking                 | kimi_k2, compressed-tensors int4 (g32) | routed experts packed per expert, the rest bf16   |
 | k25    | Kimi-K2.5 / K2.6                 | kimi_k25, nested text_config (int4)    | the same under `language_model.`, a vision tower  |
 | k3     | Kimi K3                          | kimi_k3, nested kimi_linear, MXFP4     | KDA and MLA layers, attention residuals, vision   |
@@ -31,7 +32,16 @@ from mlx_lm.utils import _get_classes
 
 from . import testmodel as tm
 
-LAYOUTS = ("kvb", "int4", "k25", "k3")
+LAYOUTS = ("kvb", "fp8", "int4", "k25", "k3")
+FP8_BLOCK = 128  # Kimi-K2-Instruct's weight_block_size
+FP8_MAX = 448.0  # the largest e4m3 value
+# Kimi-K2-Instruct's quantization_config (../shared/reference/kimi-k2-instruct/config.json).
+FP8_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+}
 INT4_GROUP = 32  # compressed-tensors pack-quantized, as K2-Thinking and K2.5 store it
 K3_BLOCK_SIZE = 12  # Kimi K3's attn_res_block_size
 TEXT_PREFIX = "language_model."
@@ -226,6 +236,11 @@ def k3_text_config(num_layers: int) -> dict:
 def model_config(layout: str, num_layers: int) -> dict:
     if layout == "kvb":
         return tm.model_config(num_layers)
+    if layout == "fp8":
+        config = tm.model_config(num_layers)
+        del config["quantization"]
+        config["quantization_config"] = FP8_QUANTIZATION_CONFIG
+        return config
     if layout == "int4":
         return k2_text_config(num_layers)
     text = k2_text_config(num_layers) if layout == "k25" else k3_text_config(num_layers)
@@ -268,6 +283,55 @@ def _int4(w: mx.array) -> dict[str, mx.array]:
         "weight_scale": scale.squeeze(-1),
         "weight_shape": mx.array([out_dims, in_dims], dtype=mx.int32),
     }
+
+
+def _fp8(w: mx.array) -> dict[str, mx.array]:
+    """FP8 e4m3 with one float32 scale per 128 x 128 block (`weight_scale_inv`:
+    the factor mlx-lm's sanitize multiplies each block by)."""
+    out_dims, in_dims = w.shape
+    rows, cols = -(-out_dims // FP8_BLOCK), -(-in_dims // FP8_BLOCK)
+    padded = mx.pad(w, ((0, rows * FP8_BLOCK - out_dims), (0, cols * FP8_BLOCK - in_dims)))
+    blocks = padded.reshape(rows, FP8_BLOCK, cols, FP8_BLOCK)
+    scale = mx.maximum(mx.abs(blocks).max(axis=(1, 3)), 1e-12) / FP8_MAX
+    q = (blocks / scale[:, None, :, None]).reshape(padded.shape)[:out_dims, :in_dims]
+    return {"weight": mx.to_fp8(q), "weight_scale_inv": scale.astype(mx.float32)}
+
+
+FP8_LINEARS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _published_fp8(params: dict, config: dict) -> dict[str, mx.array]:
+    """Kimi-K2-Instruct's FP8 files: every Linear of the decoder layers in
+    e4m3 blocks, experts one by one; router, norms, embeddings, lm_head bf16."""
+    out = {}
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        params[f"{p}.self_attn.kv_b_proj.weight"] = _kv_b_proj(params, f"{p}.self_attn")
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            stacked = params.pop(f"{p}.mlp.switch_mlp.{proj}.weight", None)
+            for e in range(0 if stacked is None else stacked.shape[0]):
+                params[f"{p}.mlp.experts.{e}.{proj}.weight"] = stacked[e]
+    for name in [n for n in params if n.startswith("model.layers.") and n.endswith(".weight")]:
+        if name.rsplit(".", 2)[-2] in FP8_LINEARS:
+            base = name.removesuffix(".weight")
+            out.update({f"{base}.{k}": v for k, v in _fp8(params.pop(name)).items()})
+    return out
+
+
+def _mark_fp8(path: Path) -> None:
+    """mx.save_safetensors writes FP8 bytes as U8; mark them F8_E4M3, as the
+    published files have them (same bytes, a rewritten header)."""
+    names = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    for file in sorted(path.glob("model*.safetensors")):
+        raw = file.read_bytes()
+        size = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + size])
+        for name, entry in header.items():
+            if name != "__metadata__" and f"{name.removesuffix('.weight')}.weight_scale_inv" in names:
+                entry["dtype"] = "F8_E4M3"
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
 
 
 def _mxfp4(w: mx.array) -> dict[str, mx.array]:
@@ -359,15 +423,17 @@ def build_weights(layout: str, config: dict, seed: int) -> dict[str, mx.array]:
     if layout == "kvb":
         return _quantized_kv_b_proj(config, seed)
     params, _ = _float_params(config, seed)
-    if layout == "k3":
+    if layout == "fp8":
+        published = _published_fp8(params, config)
+    elif layout == "k3":
         published = _published_k3(params, config)
     else:
         published = _published_k2(params, config, TEXT_PREFIX if layout == "k25" else "")
     published.update(params)  # what is left is stored unquantized
     for name, v in published.items():  # in bfloat16, as the originals store it
-        if v.dtype == mx.float32 and not any(k in name for k in FLOAT32_KEPT):
+        if v.dtype == mx.float32 and not any(k in name for k in (*FLOAT32_KEPT, "weight_scale_inv")):
             published[name] = v.astype(mx.bfloat16)
-    if layout != "int4":  # k25, k3
+    if layout in ("k25", "k3"):
         for i, (name, shape) in enumerate(DUMMY_VISION.items()):
             published[name] = tm.init_weight(name, shape, seed + i).astype(mx.bfloat16)
     mx.eval(published)
@@ -380,6 +446,8 @@ def write_layout_model(path: Path, layout: str, seed: int, num_layers: int, chat
     vision = {k: v for k, v in weights.items() if k.startswith(("vision_tower.", "mm_projector."))}
     text = {k: v for k, v in weights.items() if k not in vision}
     tm.save_shards(path, text, sum(v.size for v in text.values()))
+    if layout == "fp8":
+        _mark_fp8(path)
     if vision:  # in a file of its own, as K3's shard 96 holds its vision tower
         index = json.loads((path / "model.safetensors.index.json").read_text())
         name = "model-vision.safetensors"

@@ -64,6 +64,11 @@ def kvb_model():
 
 
 @pytest.fixture(scope="module")
+def fp8_model():
+    return make_layout_model(REPO / "models" / "test-layout-fp8-layers7", "fp8", num_layers=7)
+
+
+@pytest.fixture(scope="module")
 def k25_model():
     return make_layout_model(REPO / "models" / "test-layout-k25-layers7", "k25", num_layers=7)
 
@@ -99,6 +104,10 @@ def test_k2_thinking_int4_compressed_tensors_equals_mlx_lm(int4_model, tmp_path,
 
 def test_older_mlx_conversion_with_quantized_kv_b_proj_equals_mlx_lm(kvb_model, tmp_path):
     _oracle(kvb_model, tmp_path, 2, None)
+
+
+def test_fp8_original_dequantized_on_load_equals_mlx_lm(fp8_model, tmp_path):
+    _oracle(fp8_model, tmp_path, 2, None)
 
 
 @pytest.mark.parametrize("n_workers,layers", SPLITS_7, ids=["1-stage", "2-stages", "3-stages"])
@@ -215,9 +224,10 @@ def test_k2_thinking_chat_uses_its_published_template(int4_model):
     assert text.endswith("<|im_assistant|>assistant<|im_middle|>") and "<|im_user|>user<|im_middle|>Hi" in text
 
 
-def test_layouts_are_written_as_published(int4_model, k3_model):
+def test_layouts_are_written_as_published(fp8_model, int4_model, k3_model):
     """The tiny models hold what the published files hold: Hugging Face names
-    and dtypes (per-expert int32-packed int4 with bf16 scales, K3's
+    and dtypes (FP8 e4m3 Linears with block scales, per-expert int32-packed
+    int4 with bf16 scales, K3's
     byte-packed MXFP4 experts, kv_b_proj, torch-shaped convolutions), the
     published quantization blocks verbatim, the vision tower in its own file."""
     reference = REPO / "etc" / "reference"
@@ -225,6 +235,12 @@ def test_layouts_are_written_as_published(int4_model, k3_model):
     k3 = json.loads((reference / "kimi-k3.config.json").read_text())
     assert k25["text_config"]["quantization_config"] == INT4_QUANTIZATION_CONFIG
     assert k3["text_config"]["quantization_config"] == MXFP4_QUANTIZATION_CONFIG
+
+    fp8 = tensor_index(fp8_model)
+    scaled = [n.removesuffix("_scale_inv") for n in fp8 if n.endswith(".weight_scale_inv")]
+    assert len(scaled) > 7 * 5 and {fp8[n].dtype for n in scaled} == {"F8_E4M3"}
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in scaled
+    assert fp8["model.layers.1.mlp.gate.weight"].dtype == fp8["lm_head.weight"].dtype == "BF16"
 
     int4 = tensor_index(int4_model)
     expert = "model.layers.1.mlp.experts.0.down_proj"

@@ -26,7 +26,7 @@ from kimizmq.config import load_config
 from kimizmq.plan import GIB, PlanError, make_plan
 from kimizmq.shard import load_shard
 from kimizmq.stage import Stage, Step
-from tests.test_checkpoints import int4_model, k3_model, k25_model  # noqa: F401 - fixtures
+from tests.test_checkpoints import fp8_model, int4_model, k3_model, k25_model  # noqa: F401 - fixtures
 from tests.test_plan import write_toml
 
 REFERENCE = Path(__file__).resolve().parents[1] / "etc" / "reference"
@@ -48,12 +48,13 @@ def model_dir(tmp_path: Path, config_file: str) -> Path:
     return d
 
 
-@pytest.mark.parametrize("fixture", ["int4_model", "k25_model", "k3_model"])
+@pytest.mark.parametrize("fixture", ["fp8_model", "int4_model", "k25_model", "k3_model"])
 def test_sizes_equal_what_mlx_lm_holds_per_layer(fixture, request):
     """For each published layout, the bytes the planner counts per layer, from
     the safetensors headers and from config.json alone, are the bytes of the
     parameters mlx-lm's own load_model holds for that layer: int4 gains its
-    biases, MXFP4 keeps one scale byte per 32 values, kv_b_proj is split."""
+    biases, MXFP4 keeps one scale byte per 32 values, FP8 becomes bfloat16,
+    kv_b_proj is split."""
     model = request.getfixturevalue(fixture)
     loaded, _ = load_model(model, lazy=True)
     lm = loaded.get("language_model", loaded)
