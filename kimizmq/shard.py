@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask, create_ssm_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import ArraysCache, KVCache
 from mlx_lm.models.deepseek_v3 import DeepseekV3Attention
-from mlx_lm.models.kimi_k3 import ResidualBlocks, _attn_res_mix
+from mlx_lm.models.kimi_k3 import KimiK3TextModel, ResidualBlocks, _attn_res_mix
 from mlx_lm.utils import _get_classes, _takes_global_scale, infer_quant_config, load_config
 
 from . import qmm
@@ -163,6 +163,11 @@ class Shard:
         return self.inner.layers[self.start].input_layernorm.weight.dtype
 
     @property
+    def kimi_k3(self) -> bool:
+        """mlx-lm's Kimi K3 decoder: linear and MLA layers, attention residuals."""
+        return isinstance(self.inner, KimiK3TextModel)
+
+    @property
     def blocks_in(self) -> int:
         """Attention-residual blocks that arrive with the hidden state (Kimi K3)."""
         return residual_blocks_in(self.config, self.start)
@@ -183,11 +188,11 @@ class Shard:
         (or token ids), then what the model carries beside it across a stage
         boundary (Kimi K3: its attention-residual blocks, (blocks, B, L, D)).
         Returns the same for the next stage, or the last stage's logits."""
-        if not hasattr(self.inner, "use_attn_res"):
+        if not self.kimi_k3:
             return [self(inputs[0], cache, head=head)]
-        return self._forward_attn_res(inputs, cache, head)
+        return self._forward_k3(inputs, cache, head)
 
-    def _forward_attn_res(self, inputs: list[mx.array], cache: list, head: bool) -> list[mx.array]:
+    def _forward_k3(self, inputs: list[mx.array], cache: list, head: bool) -> list[mx.array]:
         """mlx-lm's KimiK3TextModel pass over this stage's layers, its
         pipeline's send and receive replaced by the message's tensors."""
         inner, x = self.inner, inputs[0]
@@ -220,10 +225,10 @@ class Shard:
     def __call__(self, x: mx.array, cache: list[KVCache], *, head: bool = True) -> mx.array:
         """Token ids (first stage) or activations in; activations out, or on
         the last stage with `head`, the last position's logits."""
-        if hasattr(self.inner, "use_attn_res"):
+        if self.kimi_k3:
             if self.blocks_in or self.blocks_out:
                 raise ShardError("this stage's messages carry attention-residual blocks: use Shard.forward")
-            return self._forward_attn_res([x], cache, head)[0]
+            return self._forward_k3([x], cache, head)[0]
         h = self.inner.embed_tokens(x) if self.first else x.astype(self.dtype)
         mask = create_attention_mask(h, cache[0], return_array=True)
         overlap = self.eval_per_layer
@@ -239,9 +244,7 @@ class Shard:
     def can_compile_decode(self) -> bool:
         """Shard.decode knows mlx-lm's DeepseekV3 attention (Kimi-K2's, K2.5's);
         other models decode eagerly."""
-        return not hasattr(self.inner, "use_attn_res") and all(
-            isinstance(layer.self_attn, DeepseekV3Attention) for layer in self.layers
-        )
+        return not self.kimi_k3 and all(isinstance(layer.self_attn, DeepseekV3Attention) for layer in self.layers)
 
     def decode(self, x: mx.array, cache: list, *, head: bool = True) -> mx.array:
         """`self(x, cache, head=head)` for one token per request, x of shape

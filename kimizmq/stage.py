@@ -250,7 +250,7 @@ class Stage:
         length = step.x.shape[1]
         t0 = time.perf_counter()
         if length == 1 and state.offset > 0 and self.compiled_decode:
-            out, *extra = [self.shard.decode(step.x, state.cache, head=step.sample)]
+            out, extra = self.shard.decode(step.x, state.cache, head=step.sample), []
         else:
             out, *extra = self.shard.forward([step.x, *step.extra], state.cache, head=step.sample)
         built = time.perf_counter()
@@ -314,7 +314,7 @@ class Stage:
         rows, row_states = [steps[k] for k in order], [states[k] for k in order]
         x = mx.concatenate([s.x for s in rows], axis=0)
         if length == 1 and self.compiled_decode and all(st.offset > 0 for st in row_states):
-            out, *extra = [self.shard.decode(x, caches, head=True)]
+            out, extra = self.shard.decode(x, caches, head=True), []
         else:  # the residual blocks, (blocks, B, L, D), batch along axis 1
             inputs = [x, *(mx.concatenate(parts, axis=1) for parts in zip(*(s.extra for s in rows)))]
             out, *extra = self.shard.forward(inputs, caches, head=True)

@@ -39,7 +39,7 @@ import mlx.core as mx
 import zmq
 
 from . import log, security, wire
-from .checkpoint import CheckpointError, read_config, stage_tensor_names, tensor_index, text_config
+from .checkpoint import CheckpointError, loaded_nbytes, read_config, stage_tensor_names, tensor_index, text_config
 from .config import Config, ConfigError, WorkerConfig, load_config
 from .plan import StageAssignment, available_memory_bytes, check_stage_memory
 from .shard import ShardError, compiled_decode, iter_load_shard
@@ -457,7 +457,7 @@ class Worker:
             index = tensor_index(model_dir)
             n_layers = text_config(read_config(model_dir))["num_hidden_layers"]
             names = stage_tensor_names(index, spec.start, spec.end, first=spec.start == 0, last=spec.end == n_layers)
-            weights = sum(index[n].nbytes for n in names)
+            weights = sum(loaded_nbytes(n, index[n], index) for n in names)  # FP8 counts as bfloat16
             stage = StageAssignment(self.me.name, spec.start, spec.end, weights, spec.reserve_bytes, memory_bytes=0)
             check_stage_memory(stage, available_memory_bytes())  # before a byte is read
             logger.info("load_started", start=spec.start, end=spec.end, bytes=weights, model=str(model_dir))
