@@ -256,7 +256,7 @@ def model_config(layout: str, num_layers: int) -> dict:
     }
 
 
-def _float_params(config: dict, seed: int) -> tuple[dict[str, mx.array], object]:
+def _float_params(config: dict, seed: int) -> dict[str, mx.array]:
     """Every parameter of mlx-lm's model for `config`, named as mlx-lm names
     it, float32; values as the Kimi-K2 test model draws them."""
     model_class, args_class = _get_classes(config)
@@ -267,7 +267,7 @@ def _float_params(config: dict, seed: int) -> tuple[dict[str, mx.array], object]
         params[name] = tm.init_weight(text_name, v.shape, seed)
         if text_name.endswith("A_log"):  # decay rates exp(A_log) in [1, 16), as mlx-lm initializes them
             params[name] = mx.log(1.0 + 15.0 * mx.sigmoid(params[name]))
-    return params, model
+    return params
 
 
 def _int4(w: mx.array) -> dict[str, mx.array]:
@@ -422,7 +422,7 @@ def _quantized_kv_b_proj(config: dict, seed: int) -> dict[str, mx.array]:
 def build_weights(layout: str, config: dict, seed: int) -> dict[str, mx.array]:
     if layout == "kvb":
         return _quantized_kv_b_proj(config, seed)
-    params, _ = _float_params(config, seed)
+    params = _float_params(config, seed)
     if layout == "fp8":
         published = _published_fp8(params, config)
     elif layout == "k3":
