@@ -25,8 +25,12 @@ WEIGHT_GLOB = "model*.safetensors"  # what mlx-lm's loader reads
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 
 EMBED_PREFIX = "model.embed_tokens."
-HEAD_PREFIXES = ("model.norm.", "lm_head.")
+# The final norm and lm_head, and Kimi K3's output attention-residual weights.
+HEAD_PREFIXES = ("model.norm.", "lm_head.", "model.output_attn_res")
 LM_HEAD_PREFIX = "lm_head."
+# kimi_k25 and kimi_k3 keep the text model under this prefix, next to vision
+# weights (vision_tower.*, mm_projector.*) that no stage ever reads.
+TEXT_PREFIX = "language_model."
 
 DTYPE_BYTES = {
     "BOOL": 1,
@@ -51,7 +55,7 @@ TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # affine mode stores both in the model's dtype.
 QUANT_SCALE_BYTES = {"mxfp4": 1, "mxfp8": 1, "nvfp4": 1}
 
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_LAYER_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.")
 
 
 class CheckpointError(ValueError):
@@ -95,9 +99,12 @@ class LayerSizes:
 
 
 def read_config(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
         raise CheckpointError(f"model directory {model_dir} does not exist")
+    return read_config_file(Path(model_dir) / "config.json")
+
+
+def read_config_file(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
@@ -287,6 +294,39 @@ def check_layer_count(index: dict[str, Any], config: dict, model_dir: str | Path
         )
 
 
+def _text_name(name: str) -> str:
+    return name[len(TEXT_PREFIX) :] if name.startswith(TEXT_PREFIX) else name
+
+
+def text_config(config: dict) -> dict:
+    """The language model's config: kimi_k25's and kimi_k3's `text_config`
+    (with a quantization block found at either level, as mlx-lm reads it),
+    else `config` itself."""
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        return config
+    out = dict(text)
+    for key in ("quantization", "quantization_config"):
+        if key in config:
+            out.setdefault(key, config[key])
+    return out
+
+
+def loaded_nbytes(name: str, info: TensorInfo, index: dict[str, TensorInfo]) -> int:
+    """Bytes `name` occupies once mlx-lm has loaded it, which is not always
+    what it takes on disk: FP8 weights are dequantized to bfloat16 (their
+    `weight_scale_inv` goes), compressed-tensors int4 gains a bias per group
+    next to each scale (`weight_shape` goes)."""
+    base, _, leaf = name.rpartition(".")
+    if leaf == "weight_scale_inv" or leaf == "weight_shape":
+        return 0
+    if info.dtype in ("F8_E4M3", "F8_E5M2") and f"{base}.weight_scale_inv" in index:
+        return 2 * info.nbytes
+    if leaf == "weight_scale" and f"{base}.weight_shape" in index:
+        return 2 * info.nbytes
+    return info.nbytes
+
+
 def stage_tensor_names(index: dict[str, Any], start: int, end: int, *, first: bool, last: bool) -> list[str]:
     """Tensors a stage holding layers [start, end) loads, in index order.
 
@@ -294,16 +334,16 @@ def stage_tensor_names(index: dict[str, Any], start: int, end: int, *, first: bo
     a checkpoint without lm_head ties it to embed_tokens, so its last stage
     needs embed_tokens too.
     """
-    tied = not any(n.startswith(LM_HEAD_PREFIX) for n in index)
+    tied = not any(_text_name(n).startswith(LM_HEAD_PREFIX) for n in index)
     names = []
     for name in index:
         layer = layer_of(name)
         if layer is not None:
             keep = start <= layer < end
-        elif name.startswith(EMBED_PREFIX):
+        elif _text_name(name).startswith(EMBED_PREFIX):
             keep = first or (last and tied)
         else:
-            keep = last and name.startswith(HEAD_PREFIXES)
+            keep = last and _text_name(name).startswith(HEAD_PREFIXES)
         if keep:
             names.append(name)
     return names
@@ -312,25 +352,25 @@ def stage_tensor_names(index: dict[str, Any], start: int, end: int, *, first: bo
 def layer_sizes(model_dir: str | Path) -> LayerSizes:
     """Per-layer bytes: exact from the safetensors headers, else estimated from config.json."""
     config = read_config(model_dir)
-    num_layers = _int_field(config, "num_hidden_layers", model_dir)
+    num_layers = _int_field(text_config(config), "num_hidden_layers", model_dir)
     if not weight_files(model_dir):
         return estimate_layer_sizes(config)
 
     index = tensor_index(model_dir)
-    check_layer_count(index, config, model_dir)
+    check_layer_count(index, text_config(config), model_dir)
     layers = [0] * num_layers
     embed = head = 0
     tied = True
     for name, info in index.items():
-        layer = layer_of(name)
+        layer, nbytes, text_name = layer_of(name), loaded_nbytes(name, info, index), _text_name(name)
         if layer is not None:
             if layer < num_layers:  # higher ones (multi-token prediction) mlx-lm drops
-                layers[layer] += info.nbytes
-        elif name.startswith(EMBED_PREFIX):
-            embed += info.nbytes
-        elif name.startswith(HEAD_PREFIXES):
-            head += info.nbytes
-            tied = tied and not name.startswith(LM_HEAD_PREFIX)
+                layers[layer] += nbytes
+        elif text_name.startswith(EMBED_PREFIX):
+            embed += nbytes
+        elif text_name.startswith(HEAD_PREFIXES):
+            head += nbytes
+            tied = tied and not text_name.startswith(LM_HEAD_PREFIX)
     missing = [i for i, n in enumerate(layers) if n == 0]
     if missing:
         raise CheckpointError(
@@ -349,6 +389,7 @@ def kv_bytes_per_token_per_layer(config: dict, dtype_bytes: int) -> int:
     the rotary key: kv_lora_rank + qk_rope_head_dim values. Others cache a key
     and a value per KV head.
     """
+    config = text_config(config)
     try:
         if config.get("kv_lora_rank"):
             return (config["kv_lora_rank"] + config.get("qk_rope_head_dim", 0)) * dtype_bytes
@@ -360,9 +401,104 @@ def kv_bytes_per_token_per_layer(config: dict, dtype_bytes: int) -> int:
     return 2 * kv_heads * head_dim * dtype_bytes
 
 
+def recurrent_state_bytes(config: dict, dtype_bytes: int) -> int:
+    """The fixed-size state one request keeps in one Kimi Delta Attention
+    layer, as mlx-lm's ArraysCache holds it: the short convolution's last
+    kernel - 1 inputs (activation dtype) and the float32 delta-rule state,
+    one head_dim x head_dim matrix per head."""
+    lin = text_config(config).get("linear_attn_config") or {}
+    try:
+        heads, head_dim, kernel = lin["num_heads"], lin["head_dim"], lin["short_conv_kernel_size"]
+    except KeyError as e:
+        raise CheckpointError(
+            f"config.json: linear_attn_config needs {e.args[0]} to size the recurrent state"
+        ) from None
+    return (kernel - 1) * 3 * heads * head_dim * dtype_bytes + heads * head_dim * head_dim * 4
+
+
+def cache_bytes_per_layer(
+    config: dict, num_layers: int, dtype_bytes: int, max_context: int, max_concurrent: int
+) -> list[int]:
+    """What each layer's per-request state takes at most: a KV cache of
+    max_context tokens, or for a linear-attention layer its fixed recurrent
+    state, for each of max_concurrent requests."""
+    text = text_config(config)
+    linear = [is_linear_layer(text, i) for i in range(num_layers)]
+    kv = 0 if all(linear) else kv_bytes_per_token_per_layer(text, dtype_bytes)
+    state = recurrent_state_bytes(text, dtype_bytes) if any(linear) else 0
+    return [(state if lin else kv * max_context) * max_concurrent for lin in linear]
+
+
 def config_dtype_bytes(config: dict) -> int:
-    """Bytes per value of the checkpoint's unquantized dtype (torch_dtype)."""
-    return TORCH_DTYPE_BYTES.get(str(config.get("torch_dtype", "bfloat16")), 2)
+    """Bytes per value of the checkpoint's unquantized dtype (torch_dtype, or
+    `dtype` as newer transformers write it)."""
+    config = text_config(config)
+    return TORCH_DTYPE_BYTES.get(str(config.get("torch_dtype", config.get("dtype", "bfloat16"))), 2)
+
+
+HF_QUANT_CONFIG = "hf_quant_config.json"  # NVIDIA ModelOpt exports keep their quantization here
+COMPRESSED_TENSORS = "compressed-tensors"
+
+
+def mlx_quantization(config: dict, model_dir: str | Path | None = None) -> dict | None:
+    """The quantization mlx-lm's `load_model` gives a checkpoint: its MLX
+    `quantization` block, else what mlx-lm maps its `quantization_config` to
+    (also when nested in text_config or kept in hf_quant_config.json). None:
+    unquantized; FP8 originals too, which mlx-lm dequantizes to bfloat16."""
+    text = text_config(config)
+    quant = text.get("quantization")
+    if quant is not None:
+        if not isinstance(quant, dict):
+            raise CheckpointError("config.json: quantization must be an object")
+        return quant
+    qc = text.get("quantization_config")
+    if qc is None and model_dir is not None and (Path(model_dir) / HF_QUANT_CONFIG).is_file():
+        qc = read_config_file(Path(model_dir) / HF_QUANT_CONFIG)
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise CheckpointError("config.json: quantization_config must be an object")
+    method = qc.get("quant_method")
+    if method == "mxfp4":
+        return {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+    if method == "mxfp8" or (
+        method == "fp8" and qc.get("scale_fmt") == "ue8m0" and list(qc.get("weight_block_size", ())) == [32, 32]
+    ):
+        return {"group_size": 32, "bits": 8, "mode": "mxfp8"}
+    if method == "fp8":
+        return None
+    if method == COMPRESSED_TENSORS:
+        from mlx_lm.utils import _compressed_tensors_quantization
+
+        try:
+            return _compressed_tensors_quantization(qc)
+        except ValueError as e:
+            raise CheckpointError(f"config.json: quantization_config: {e}") from None
+    if method == "modelopt":
+        settings = qc.get("quantization", qc)
+        if not isinstance(settings, dict) or settings.get("quant_algo") != "NVFP4":
+            raise CheckpointError("config.json: modelopt quantization other than NVFP4 is not supported")
+        return {"group_size": settings.get("group_size", 16), "bits": 4, "mode": "nvfp4"}
+    raise CheckpointError(
+        f"config.json: quantization_config quant_method {method!r} is not supported "
+        f"(supported: mxfp4, mxfp8, fp8, {COMPRESSED_TENSORS}, modelopt NVFP4, or an MLX "
+        "quantization block); convert the checkpoint with `mlx_lm.convert -q`"
+    )
+
+
+def routed_experts_only(config: dict) -> bool:
+    """A compressed-tensors checkpoint as Moonshot publishes one (or NVIDIA's
+    ModelOpt NVFP4 one): only the routed experts are packed; its `ignore`
+    list keeps attention, shared experts, dense MLPs and lm_head in
+    bfloat16, and the router and embeddings are no Linear it targets."""
+    qc = text_config(config).get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") in (COMPRESSED_TENSORS, "modelopt")
+
+
+def is_fp8(config: dict) -> bool:
+    """An FP8 original that mlx-lm dequantizes to bfloat16 on load: twice its size on disk."""
+    qc = text_config(config).get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == "fp8" and mlx_quantization(config) is None
 
 
 # --- estimation from config.json ----------------------------------------------
@@ -389,17 +525,18 @@ def _ranges(indices: list[int]) -> str:
 class _Estimator:
     """Byte sizes of modules as mlx-lm stores them after quantization."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, prefix: str = ""):
         self.dtype_bytes = config_dtype_bytes(config)
-        self.quant = config.get("quantization")
-        if self.quant is not None and not isinstance(self.quant, dict):
-            raise CheckpointError("config.json: quantization must be an object")
+        self.quant = mlx_quantization(config)
+        self.experts_only = routed_experts_only(config)
+        self.prefix = prefix  # of the MLX module paths a quantization block names
 
     def _params_for(self, path: str, in_dims: int) -> dict | None:
         """Quantization parameters of one module (None: stored unquantized)."""
         q = self.quant
-        if q is None:
+        if q is None or (self.experts_only and ".switch_mlp." not in path):
             return None
+        path = self.prefix + path
         if path in q:  # a per-module override, as mlx-lm's loader reads it
             return q[path] if isinstance(q[path], dict) else None
         if in_dims % q.get("group_size", 64) != 0:  # mlx-lm convert skips these
@@ -492,25 +629,103 @@ def _dense_layer(est: _Estimator, c: dict, i: int) -> int:
     )
 
 
+def _k3_attention(est: _Estimator, c: dict, i: int) -> int:
+    """Kimi K3 layer i's attention: Kimi Delta Attention or gated MLA."""
+    a, hidden = f"model.layers.{i}.self_attn", c["hidden_size"]
+    lin = c["linear_attn_config"]
+    if is_linear_layer(c, i):
+        heads, head_dim, kernel = lin["num_heads"], lin["head_dim"], lin["short_conv_kernel_size"]
+        proj = heads * head_dim
+        if lin.get("use_full_rank_gate", False):
+            gate = est.quantizable(f"{a}.g_proj", (proj, hidden))
+        else:
+            gate = est.quantizable(f"{a}.g_a_proj", (head_dim, hidden)) + est.quantizable(
+                f"{a}.g_b_proj", (proj, head_dim)
+            )
+        return (
+            gate
+            + est.quantizable(f"{a}.qkv_proj", (3 * proj, hidden))
+            + est.plain(3 * proj, kernel)  # depthwise short convolution
+            + est.quantizable(f"{a}.f_a_proj", (head_dim, hidden))
+            + est.quantizable(f"{a}.f_b_proj", (proj, head_dim))
+            + est.quantizable(f"{a}.b_proj", (heads, hidden))
+            + est.plain(heads + proj, dtype_bytes=4)  # A_log and dt_bias stay float32
+            + est.plain(head_dim)
+            + est.quantizable(f"{a}.o_proj", (hidden, proj))
+        )
+    heads, nope, rope, v_dim = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    kv_rank, q_rank = c["kv_lora_rank"], c.get("q_lora_rank")
+    if q_rank is None:
+        size = est.quantizable(f"{a}.q_proj", (heads * (nope + rope), hidden))
+    else:
+        size = (
+            est.quantizable(f"{a}.q_a_proj", (q_rank, hidden))
+            + est.plain(q_rank)
+            + est.quantizable(f"{a}.q_b_proj", (heads * (nope + rope), q_rank))
+        )
+    if c.get("mla_use_output_gate", False):
+        size += est.quantizable(f"{a}.g_proj", (heads * v_dim, hidden))
+    return size + (
+        est.quantizable(f"{a}.kv_a_proj_with_mqa", (kv_rank + rope, hidden))
+        + est.plain(kv_rank)
+        + est.quantizable(f"{a}.embed_q", (heads, kv_rank, nope))
+        + est.quantizable(f"{a}.unembed_out", (heads, v_dim, kv_rank))
+        + est.quantizable(f"{a}.o_proj", (hidden, heads * v_dim))
+    )
+
+
+def _k3_layer(est: _Estimator, c: dict, i: int) -> int:
+    p, hidden = f"model.layers.{i}", c["hidden_size"]
+    size = _k3_attention(est, c, i) + 2 * est.plain(hidden)  # + input and post-attention RMSNorms
+    if c.get("attn_res_block_size") is not None:
+        size += 4 * est.plain(hidden)  # attention and MLP residual projections (never quantized) and norms
+    experts = c.get("num_experts") or 0
+    if not (experts > 0 and i >= c.get("first_k_dense_replace", 0) and i % c.get("moe_layer_freq", 1) == 0):
+        return size + _mlp(est, f"{p}.mlp", hidden, c["intermediate_size"])
+    inter, latent = c["moe_intermediate_size"], c.get("routed_expert_hidden_size")
+    size += _mlp(est, f"{p}.mlp.switch_mlp", latent or hidden, inter, experts=experts)
+    size += est.quantizable(f"{p}.mlp.gate", (experts, hidden)) + est.plain(experts, dtype_bytes=4)
+    if latent is not None:
+        size += est.quantizable(f"{p}.mlp.routed_expert_down_proj", (latent, hidden))
+        size += est.quantizable(f"{p}.mlp.routed_expert_up_proj", (hidden, latent))
+        if c.get("latent_moe_use_norm", False):
+            size += est.plain(latent)
+    if c.get("num_shared_experts"):
+        size += _mlp(est, f"{p}.mlp.shared_experts", hidden, inter * c["num_shared_experts"])
+    return size
+
+
+def is_linear_layer(config: dict, i: int) -> bool:
+    """Whether Kimi K3 layer i (0-based) is a linear-attention (KDA) layer;
+    `kda_layers` counts from 1, as mlx-lm reads it."""
+    lin = config.get("linear_attn_config") or {}
+    return (i + 1) in lin.get("kda_layers", ())
+
+
 MLA_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
+NESTED_MODEL_TYPES = {"kimi_k25": "language_model.", "kimi_k3": "language_model."}
 _MOE_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
 
 
 def estimate_layer_sizes(config: dict) -> LayerSizes:
     """Sizes from the architecture and its quantization block, no weights needed."""
     model_type = config.get("model_type")
-    if model_type in MLA_MODEL_TYPES:
+    prefix = NESTED_MODEL_TYPES.get(model_type, "")
+    est = _Estimator(config, prefix)
+    config = text_config(config)
+    if model_type == "kimi_k3":
+        layer_fn = _k3_layer
+    elif model_type == "kimi_k25" or model_type in MLA_MODEL_TYPES:
         layer_fn = _deepseek_layer
     elif not any(config.get(k) for k in _MOE_KEYS) and not config.get("kv_lora_rank"):
         layer_fn = _dense_layer
     else:
         raise CheckpointError(
             f"config.json: cannot estimate sizes of model_type {model_type!r} without "
-            f"its safetensors (known: {', '.join(MLA_MODEL_TYPES)} and dense transformers); "
-            "download the weights so the sizes can be read from their headers"
+            f"its safetensors (known: {', '.join(MLA_MODEL_TYPES + tuple(NESTED_MODEL_TYPES))} and dense "
+            "transformers); download the weights so the sizes can be read from their headers"
         )
     num_layers = _int_field(config, "num_hidden_layers", "config.json")
-    est = _Estimator(config)
     try:
         hidden, vocab = config["hidden_size"], config["vocab_size"]
         layers = tuple(layer_fn(est, config, i) for i in range(num_layers))
@@ -519,6 +734,8 @@ def estimate_layer_sizes(config: dict) -> LayerSizes:
     tied = bool(config.get("tie_word_embeddings", False))
     embed = est.quantizable("model.embed_tokens", (vocab, hidden))
     head = est.plain(hidden)
+    if model_type == "kimi_k3" and config.get("attn_res_block_size") is not None:
+        head += 2 * est.plain(hidden)  # the output attention-residual projection and norm
     if not tied:
         head += est.quantizable("lm_head", (vocab, hidden))
     return LayerSizes(layers, embed, head, estimated=True, tied_embeddings=tied)

@@ -22,6 +22,7 @@ which has 192 GiB of RAM.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -36,10 +37,15 @@ from . import wired
 from .checkpoint import (
     CheckpointError,
     LayerSizes,
+    cache_bytes_per_layer,
     config_dtype_bytes,
+    is_fp8,
+    is_linear_layer,
     kv_bytes_per_token_per_layer,
     layer_sizes,
     read_config,
+    recurrent_state_bytes,
+    text_config,
 )
 from .config import Config, ConfigError, WorkerConfig, load_config
 
@@ -270,10 +276,18 @@ def _split(
     return bounds[::-1]
 
 
-def make_plan(config: Config, sizes: LayerSizes | None = None, *, model_config: dict | None = None) -> Plan:
+def make_plan(
+    config: Config,
+    sizes: LayerSizes | None = None,
+    *,
+    model_config: dict | None = None,
+    count_needed: bool = True,
+) -> Plan:
     """The placement of every layer; deterministic, raises PlanError when it does not fit.
 
-    `sizes` and `model_config` default to what config.model_path holds.
+    `sizes` and `model_config` default to what config.model_path holds. When
+    it does not fit, the error says (`count_needed`) how many workers like the
+    largest one the model needs.
     """
     if model_config is None:
         model_config = read_config(config.model_path)
@@ -284,11 +298,11 @@ def make_plan(config: Config, sizes: LayerSizes | None = None, *, model_config: 
     workers = config.workers
 
     rt = config.runtime
-    kv_per_layer = (
-        kv_bytes_per_token_per_layer(model_config, kv_dtype_bytes(config, model_config))
-        * rt.max_context
-        * rt.max_concurrent
-    )
+    reserve = [0]
+    for b in cache_bytes_per_layer(
+        model_config, n, kv_dtype_bytes(config, model_config), rt.max_context, rt.max_concurrent
+    ):
+        reserve.append(reserve[-1] + b)
     margin = int(config.plan.runtime_margin_gb * GIB)
     usable = [_usable_bytes(config, w) for w in workers]
     for w, u in zip(workers, usable):
@@ -313,7 +327,7 @@ def make_plan(config: Config, sizes: LayerSizes | None = None, *, model_config: 
         return total
 
     def memory_score(i: int, j: int, k: int) -> float:
-        return (weights(j, k) + kv_per_layer * (k - j)) / (usable[i] - margin)
+        return (weights(j, k) + reserve[k] - reserve[j]) / (usable[i] - margin)
 
     def bandwidth_score(i: int, j: int, k: int) -> float:
         if memory_score(i, j, k) > 1:
@@ -333,7 +347,7 @@ def make_plan(config: Config, sizes: LayerSizes | None = None, *, model_config: 
             start=j,
             end=k,
             weight_bytes=weights(j, k),
-            reserved_bytes=kv_per_layer * (k - j) + margin,
+            reserved_bytes=reserve[k] - reserve[j] + margin,
             memory_bytes=u,
         )
         for w, u, j, k in zip(workers, usable, bounds, bounds[1:])
@@ -346,8 +360,38 @@ def make_plan(config: Config, sizes: LayerSizes | None = None, *, model_config: 
         num_layers=n,
     )
     if not plan.fits:
-        raise PlanError(_shortfall_message(config, plan), plan)
+        message = _shortfall_message(config, plan)
+        needed = workers_needed(config, sizes, model_config) if count_needed else None
+        if needed is not None:
+            message += f" {_needed_phrase(config, needed)}"
+        raise PlanError(message, plan)
     return plan
+
+
+def _largest_worker(cfg: Config) -> WorkerConfig:
+    return max(cfg.workers, key=lambda w: _usable_bytes(cfg, w))
+
+
+def workers_needed(cfg: Config, sizes: LayerSizes, model_config: dict) -> int | None:
+    """How many workers like the largest of `cfg` the model needs at its
+    memory_fraction, reserve and margin (None: not even one per layer fits)."""
+    like = _largest_worker(cfg)
+    for n in range(1, sizes.num_layers + 1):
+        clones = [dataclasses.replace(like, name=f"{like.name}-{i}", layers=None) for i in range(n)]
+        try:
+            make_plan(dataclasses.replace(cfg, workers=clones), sizes, model_config=model_config, count_needed=False)
+        except PlanError:
+            continue
+        return n
+    return None
+
+
+def _needed_phrase(cfg: Config, n: int) -> str:
+    like = _largest_worker(cfg)
+    return (
+        f"The model needs {n} workers like {like.name!r} ({like.memory_gb:g} GiB, "
+        f"{cfg.plan.memory_fraction:.0%} usable = {format_gib(_usable_bytes(cfg, like))})."
+    )
 
 
 def _shortfall_message(cfg: Config, plan: Plan) -> str:
@@ -383,11 +427,27 @@ def _shortfall_message(cfg: Config, plan: Plan) -> str:
 def format_plan(plan: Plan, cfg: Config, model_config: dict) -> str:
     """The table `kimi plan` prints; sizes in GiB (MiB for a model under 1 GiB)."""
     rt = cfg.runtime
-    kv = kv_bytes_per_token_per_layer(model_config, kv_dtype_bytes(cfg, model_config))
+    dtype_bytes = kv_dtype_bytes(cfg, model_config)
+    kv = kv_bytes_per_token_per_layer(model_config, dtype_bytes)
     if plan.estimated:
         source = "estimated from config.json and its quantization block (no safetensors found)"
     else:
         source = "exact, from the safetensors headers (no tensor data read)"
+    if is_fp8(model_config):
+        source += (
+            "; FP8 weights counted at their bfloat16 size, as mlx-lm dequantizes them on load "
+            "(twice their size on disk): convert with `mlx_lm.convert -q` to fit in less"
+        )
+    text = text_config(model_config)
+    linear = sum(is_linear_layer(text, i) for i in range(plan.num_layers))
+    reserved = f"KV cache ({rt.max_context} tokens x {rt.max_concurrent} requests x {kv} B per token and layer)"
+    if linear:
+        state = recurrent_state_bytes(model_config, dtype_bytes)
+        reserved = (
+            f"KV cache on {plan.num_layers - linear} attention layers ({rt.max_context} tokens x "
+            f"{rt.max_concurrent} requests x {kv} B per token and layer) + recurrent state on {linear} "
+            f"linear-attention layers ({rt.max_concurrent} requests x {state / (1 << 20):.2f} MiB per layer)"
+        )
     weights = plan.total_weight_bytes
     unit, scale = ("GiB", GIB) if weights >= GIB else ("MiB", 1 << 20)
     rows = [("worker", "layers", "[start, end)", "weights", "reserved", "usable", "free")]
@@ -404,9 +464,7 @@ def format_plan(plan: Plan, cfg: Config, model_config: dict) -> str:
         f"sizes:    {source}",
         (
             f"balance:  {plan.balance}; usable = {cfg.plan.memory_fraction:.0%} of memory; "
-            f"reserved = KV cache ({rt.max_context} tokens x {rt.max_concurrent} "
-            f"requests x {kv} B per token and layer) "
-            f"+ {cfg.plan.runtime_margin_gb:g} GiB margin"
+            f"reserved = {reserved} + {cfg.plan.runtime_margin_gb:g} GiB margin"
         ),
     ]
     power = 30 if unit == "GiB" else 20

@@ -15,13 +15,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask, scaled_dot_product_attention
+from mlx_lm.models.cache import ArraysCache, KVCache
 from mlx_lm.models.deepseek_v3 import DeepseekV3Attention
-from mlx_lm.utils import _get_classes, infer_quant_config, load_config
+from mlx_lm.models.kimi_k3 import KimiK3TextModel, ResidualBlocks, _attn_res_mix
+from mlx_lm.utils import _get_classes, _takes_global_scale, infer_quant_config, load_config
 
 from . import qmm
-from .checkpoint import stage_tensor_names, tensor_index
+from .checkpoint import CheckpointError, mlx_quantization, stage_tensor_names, tensor_index, text_config
 from .config import DECODE_MODES
 
 GPU_DECODE_EVAL_EVERY = 2  # compiled segments per async_eval in Shard.decode on a GPU (decode_eval_every)
@@ -83,11 +84,26 @@ def _attention_core(attn: nn.Module, cache, mask: mx.array | None, q_nope, q_pe,
     return scaled_dot_product_attention(q_nope, kv_latent, kv_latent, cache=cache, scale=attn.scale, mask=pe_scores)
 
 
+def _language_model(model: nn.Module) -> nn.Module:
+    """The module holding `model` (the decoder) and `lm_head`: mlx-lm's
+    kimi_k25 and kimi_k3 wrap it as `language_model`, next to vision config."""
+    return model.get("language_model", model)
+
+
 def _head(model: nn.Module, h: mx.array) -> mx.array:
-    h = model.model.norm(h)
-    if getattr(model.args, "tie_word_embeddings", False):
-        return model.model.embed_tokens.as_linear(h)
-    return model.lm_head(h)
+    lm = _language_model(model)
+    h = lm.model.norm(h)
+    if getattr(lm.args, "tie_word_embeddings", False):
+        return lm.model.embed_tokens.as_linear(h)
+    return lm.lm_head(h)
+
+
+def residual_blocks_in(config: dict, start: int) -> int:
+    """How many attention-residual blocks (Kimi K3) enter the stage whose
+    first layer is `start`: one per block begun before it (mlx-lm's
+    pipeline sends the same count); 0 for a model without them."""
+    size = text_config(config).get("attn_res_block_size")
+    return 0 if size is None else -(-start // size)
 
 
 def _attention_out(attn: nn.Module, out: mx.array) -> mx.array:
@@ -135,12 +151,73 @@ class Shard:
     def dtype(self) -> mx.Dtype:
         return self.inner.layers[self.start].input_layernorm.weight.dtype
 
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in range(self.end - self.start)]
+    @property
+    def kimi_k3(self) -> bool:
+        """mlx-lm's Kimi K3 decoder: linear and MLA layers, attention residuals."""
+        return isinstance(self.inner, KimiK3TextModel)
+
+    @property
+    def blocks_in(self) -> int:
+        """Attention-residual blocks that arrive with the hidden state (Kimi K3)."""
+        return residual_blocks_in(self.config, self.start)
+
+    @property
+    def blocks_out(self) -> int:
+        """Attention-residual blocks this stage sends on with its output."""
+        return 0 if self.last else residual_blocks_in(self.config, self.end)
+
+    def make_cache(self) -> list:
+        """One request's state per layer, as mlx-lm's make_cache gives it: a
+        KVCache per attention layer, an ArraysCache (convolution and
+        recurrent state) per linear-attention layer."""
+        return [ArraysCache(size=2) if getattr(layer, "is_linear", False) else KVCache() for layer in self.layers]
+
+    def forward(self, inputs: list[mx.array], cache: list, *, head: bool = True) -> list[mx.array]:
+        """Like `__call__`, for a message of several tensors: the hidden state
+        (or token ids), then what the model carries beside it across a stage
+        boundary (Kimi K3: its attention-residual blocks, (blocks, B, L, D)).
+        Returns the same for the next stage, or the last stage's logits."""
+        if not self.kimi_k3:
+            return [self(inputs[0], cache, head=head)]
+        return self._forward_k3(inputs, cache, head)
+
+    def _forward_k3(self, inputs: list[mx.array], cache: list, head: bool) -> list[mx.array]:
+        """mlx-lm's KimiK3TextModel pass over this stage's layers, its
+        pipeline's send and receive replaced by the message's tensors."""
+        inner, x = self.inner, inputs[0]
+        eps = inner.args.rms_norm_eps
+        h = inner.embed_tokens(x) if self.first else x.astype(self.dtype)
+        blocks = ResidualBlocks(eps) if inner.use_attn_res else None
+        if blocks is not None and self.blocks_in:
+            blocks.raw = inputs[1].astype(h.dtype)
+            xf = blocks.raw.astype(mx.float32)
+            blocks.inv_rms = mx.rsqrt((xf * xf).mean(axis=-1) + eps)
+        linear = [i for i, layer in enumerate(self.layers) if layer.is_linear]
+        attention = [i for i, layer in enumerate(self.layers) if not layer.is_linear]
+        ssm_mask = create_ssm_mask(h, cache[linear[0]]) if linear else None
+        attn_mask = create_attention_mask(h, cache[attention[0]], return_array=True) if attention else None
+        overlap = self.eval_per_layer
+        for layer, c in zip(self.layers, cache):
+            h, blocks = layer(h, mask=ssm_mask if layer.is_linear else attn_mask, cache=c, blocks=blocks)
+            if overlap:
+                mx.async_eval(h)
+        if not self.last:
+            return [h] if blocks is None else [h, blocks.raw]
+        if blocks is not None:
+            if inner._output_res_w_eff is None:
+                inner._output_res_w_eff = inner.output_attn_res_norm.weight.astype(
+                    mx.float32
+                ) * inner.output_attn_res_proj.weight.reshape(-1)
+            h = _attn_res_mix(blocks, h, inner._output_res_w_eff, eps)
+        return [_head(self.model, h[:, -1:, :])] if head else [h]
 
     def __call__(self, x: mx.array, cache: list[KVCache], *, head: bool = True) -> mx.array:
         """Token ids (first stage) or activations in; activations out, or on
         the last stage with `head`, the last position's logits."""
+        if self.kimi_k3:
+            if self.blocks_in or self.blocks_out:
+                raise ShardError("this stage's messages carry attention-residual blocks: use Shard.forward")
+            return self._forward_k3([x], cache, head)[0]
         h = self.inner.embed_tokens(x) if self.first else x.astype(self.dtype)
         mask = create_attention_mask(h, cache[0], return_array=True)
         overlap = self.eval_per_layer
@@ -154,9 +231,9 @@ class Shard:
 
     @property
     def can_compile_decode(self) -> bool:
-        """Shard.decode knows mlx-lm's DeepseekV3 attention (Kimi-K2's); other
-        models decode eagerly."""
-        return all(isinstance(layer.self_attn, DeepseekV3Attention) for layer in self.layers)
+        """Shard.decode knows mlx-lm's DeepseekV3 attention (Kimi-K2's, K2.5's);
+        other models decode eagerly."""
+        return not self.kimi_k3 and all(isinstance(layer.self_attn, DeepseekV3Attention) for layer in self.layers)
 
     def decode(self, x: mx.array, cache: list, *, head: bool = True) -> mx.array:
         """`self(x, cache, head=head)` for one token per request, x of shape
@@ -210,24 +287,27 @@ class Shard:
 
 def _trim(model: nn.Module, start: int, end: int, first: bool, last: bool) -> None:
     """Drop every module this stage does not run, keeping parameter names."""
-    inner = model.model
+    lm = _language_model(model)
+    inner = lm.model
     layers = inner.layers[:end]
     layers[:start] = [None] * start
     inner.layers = layers
-    tied = bool(getattr(model.args, "tie_word_embeddings", False))
+    tied = bool(getattr(lm.args, "tie_word_embeddings", False))
     if not first and not (last and tied):
         del inner["embed_tokens"]
     if not last:
-        del inner["norm"]
-    if (not last or tied) and "lm_head" in model:
-        del model["lm_head"]
+        for name in ("norm", "output_attn_res_proj", "output_attn_res_norm"):
+            if name in inner:
+                del inner[name]
+    if (not last or tied) and "lm_head" in lm:
+        del lm["lm_head"]
 
 
-def _quantize(model: nn.Module, config: dict, weights: dict[str, mx.array]) -> None:
-    """mlx-lm's rule: a module named in config["quantization"] takes those
+def _quantize(model: nn.Module, quantization: dict | None, weights: dict[str, mx.array]) -> None:
+    """mlx-lm's rule: a module named in the quantization block takes those
     settings; any other module with saved scales has its bits and group size
-    inferred from the tensor shapes (mixed-bit checkpoints load as they are)."""
-    quantization = config.get("quantization")
+    inferred from the tensor shapes (mixed-bit checkpoints load as they are,
+    and so do compressed-tensors ones, whose unpacked modules have no scales)."""
     if quantization is None:
         return
 
@@ -236,7 +316,10 @@ def _quantize(model: nn.Module, config: dict, weights: dict[str, mx.array]) -> N
             return quantization[path]
         if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
             return False
-        return infer_quant_config(path, module, weights)
+        params = infer_quant_config(path, module, weights)
+        if f"{path}.global_scale" in weights and _takes_global_scale(module):
+            params["global_scale"] = True
+        return params
 
     nn.quantize(
         model,
@@ -263,7 +346,7 @@ class ShardLoader:
             self.config = load_config(self.model_dir)
         except FileNotFoundError:
             raise ShardError(f"{self.model_dir}: no config.json; is [model] path right?") from None
-        n_layers = self.config.get("num_hidden_layers")
+        n_layers = text_config(self.config).get("num_hidden_layers")
         if not isinstance(n_layers, int) or not 0 <= start < end <= n_layers:
             raise ShardError(f"layer range [{start}, {end}) is not inside the model's {n_layers} layers")
         self.start, self.end, self.dtype = start, end, dtype
@@ -291,10 +374,14 @@ class ShardLoader:
 
         model_class, args_class = _get_classes(self.config)
         model = model_class(args_class.from_dict(self.config))
-        _trim(model, start, end, first, last)
-        if hasattr(model, "sanitize"):
+        if hasattr(model, "sanitize"):  # before _trim: kimi_k3's walks every layer module
             weights = model.sanitize(weights)
-        _quantize(model, self.config, weights)
+        _trim(model, start, end, first, last)
+        try:
+            quantization = mlx_quantization(self.config, model_dir)
+        except CheckpointError as e:
+            raise ShardError(f"{model_dir}: {e}") from None
+        _quantize(model, quantization, weights)
         if qmm.needed():
             qmm.guard(model)  # around two faults of MLX's CUDA quantized matmul (kimizmq/qmm.py)
         model.eval()
@@ -309,10 +396,11 @@ class ShardLoader:
 
         # Reading happens here, a module at a time, so progress is real.
         parts: list[nn.Module] = []
-        if "embed_tokens" in model.model:
-            parts.append(model.model.embed_tokens)
-        parts.extend(model.model.layers[start:end])
-        parts.extend(m for m in (model.model.get("norm"), model.get("lm_head")) if m is not None)
+        lm = _language_model(model)
+        if "embed_tokens" in lm.model:
+            parts.append(lm.model.embed_tokens)
+        parts.extend(lm.model.layers[start:end])
+        parts.extend(m for m in (lm.model.get("norm"), lm.get("lm_head")) if m is not None)
         sizes = [sum(v.nbytes for _, v in tree_flatten(p.parameters())) for p in parts]
         done = 0
         for part, size in zip(parts, sizes):
@@ -363,4 +451,5 @@ __all__ = [
     "compute_dtype",
     "iter_load_shard",
     "load_shard",
+    "residual_blocks_in",
 ]

@@ -1,4 +1,5 @@
-"""One pipeline stage's compute: a KV cache per request, the forward pass over
+"""One pipeline stage's compute: each request's state (a KV cache per attention
+layer, a recurrent state per linear-attention layer), the forward pass over
 the stage's layers, and sampling on the last stage.
 
 Pure compute, no sockets: the worker daemon feeds it decoded messages.
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.models.cache import ArraysCache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
+from .checkpoint import text_config
 from .logits import LogitsProcessor, ParamsError, make_processors, replayed_tokens
 from .shard import Shard
 
@@ -75,6 +77,7 @@ class ForwardResult:
     """Activations for the next stage, or (last stage) the sampled token."""
 
     activations: mx.array | None = None
+    extra: tuple[mx.array, ...] = ()  # sent on beside the activations (attention-residual blocks)
     token: int | None = None
     logprob: float | None = None
     top_logprobs: list[list] | None = None
@@ -141,6 +144,7 @@ class Step:
     x: mx.array
     sample: bool
     params: dict
+    extra: tuple[mx.array, ...] = ()  # the message's other tensors: attention-residual blocks
 
 
 @dataclass
@@ -152,7 +156,13 @@ class KeptBatch:
     buffer, exactly full, grew (a third copy) at the next step."""
 
     reqs: tuple[str, ...]  # row b of every cache is reqs[b]
-    caches: list  # a BatchKVCache per layer
+    caches: list  # a BatchKVCache (attention) or a batched ArraysCache (linear attention) per layer
+
+
+def _cache_arrays(cache) -> list[mx.array]:
+    """The arrays one layer's cache holds: keys and values, or recurrent states."""
+    arrays = cache.cache if isinstance(cache, ArraysCache) else (cache.keys, cache.values)
+    return [a for a in arrays if a is not None]
 
 
 def _unbatch(caches: list, states: list[RequestState | None]) -> None:
@@ -161,7 +171,7 @@ def _unbatch(caches: list, states: list[RequestState | None]) -> None:
     for b, state in enumerate(states):
         if state is not None:
             state.cache = [c.extract(b) for c in caches]
-    mx.eval([[c.keys, c.values] for state in states if state is not None for c in state.cache])
+    mx.eval([_cache_arrays(c) for state in states if state is not None for c in state.cache])
 
 
 class Stage:
@@ -194,27 +204,41 @@ class Stage:
         self.kept_batch_steps = 0  # batched decode passes that found their batch kept
         self.tokens_in = 0
 
-    def check_input(self, x: mx.array) -> None:
+    def check_input(self, x: mx.array, extra: tuple[mx.array, ...] = ()) -> None:
         """Shapes and dtypes a peer sent, checked before they reach MLX."""
+        config = text_config(self.shard.config)
         if self.shard.first:
             if x.ndim != 2 or x.shape[0] != 1 or x.dtype != mx.int32:
                 raise StageError(f"first stage expects int32 token ids of shape (1, L), got {x.dtype} {x.shape}")
-            vocab = self.shard.config.get("vocab_size")
+            vocab = config.get("vocab_size")
             ids = np.asarray(x)  # on the host already: no device round trip for a range check
             if ids.size and (ids.min() < 0 or ids.max() >= vocab):
                 raise StageError(f"token ids must be in 0..{vocab - 1}")
         else:
-            hidden = self.shard.config["hidden_size"]
+            hidden = config["hidden_size"]
             if x.ndim != 3 or x.shape[0] != 1 or x.shape[2] != hidden:
                 raise StageError(f"expected activations of shape (1, L, {hidden}), got {x.shape}")
             if not mx.issubdtype(x.dtype, mx.floating):
                 raise StageError(f"activations must be floating point, got {x.dtype}")
+        blocks = self.shard.blocks_in
+        if len(extra) != (1 if blocks else 0):
+            raise StageError(
+                f"this stage takes {1 if blocks else 0} tensor(s) beside the "
+                f"{'activations' if not self.shard.first else 'token ids'}, got {len(extra)}"
+            )
+        if blocks:
+            want = (blocks, 1, x.shape[1], x.shape[2])
+            if tuple(extra[0].shape) != want or not mx.issubdtype(extra[0].dtype, mx.floating):
+                raise StageError(
+                    f"expected float attention-residual blocks of shape {want} (the blocks begun before "
+                    f"layer {self.shard.start}), got {extra[0].dtype} {tuple(extra[0].shape)}"
+                )
         if x.shape[1] == 0:
             raise StageError("empty chunk")
 
     def _admit(self, step: Step) -> RequestState:
         """Check a step against the request's state; a first chunk opens the request."""
-        self.check_input(step.x)
+        self.check_input(step.x, step.extra)
         state = self.requests.get(step.req)
         if state is None:
             if step.offset != 0:
@@ -224,7 +248,7 @@ class Stage:
             state = RequestState(self.shard.make_cache(), SamplingParams.from_dict(step.params))
             if self.shard.last:
                 try:
-                    vocab = self.shard.config["vocab_size"]
+                    vocab = text_config(self.shard.config)["vocab_size"]
                     state.processors = make_processors(step.params, vocab, self.model_dir)
                     state.sampled = replayed_tokens(step.params, vocab, self.max_context)
                 except ParamsError as e:
@@ -257,15 +281,15 @@ class Stage:
         length = step.x.shape[1]
         t0 = time.perf_counter()
         if length == 1 and state.offset > 0 and self.compiled_decode:
-            out = self.shard.decode(step.x, state.cache, head=step.sample)
+            out, extra = self.shard.decode(step.x, state.cache, head=step.sample), []
         else:
-            out = self.shard(step.x, state.cache, head=step.sample)
+            out, *extra = self.shard.forward([step.x, *step.extra], state.cache, head=step.sample)
         built = time.perf_counter()
         if self.shard.last and step.sample:
             result = sample(out[:, -1, :], state, step.offset + length)
         else:
-            mx.eval(out)  # also settles this chunk's cache updates
-            result = ForwardResult(activations=None if self.shard.last else out)
+            mx.eval(out, *extra)  # also settles this chunk's cache updates
+            result = ForwardResult() if self.shard.last else ForwardResult(out, tuple(extra))
         self.forwards += 1
         if length == 1:
             self.decode_s += time.perf_counter() - t0
@@ -312,7 +336,7 @@ class Stage:
         if kept is None:
             self._check_in(key)
             order = list(range(len(steps)))  # row b of the batch is steps[order[b]]
-            caches = [BatchKVCache.merge([s.cache[j] for s in states]) for j in range(len(states[0].cache))]
+            caches = [c.merge([s.cache[j] for s in states]) for j, c in enumerate(states[0].cache)]
         else:
             self.kept_batch_steps += 1
             index = {s.req: k for k, s in enumerate(steps)}
@@ -321,9 +345,10 @@ class Stage:
         rows, row_states = [steps[k] for k in order], [states[k] for k in order]
         x = mx.concatenate([s.x for s in rows], axis=0)
         if length == 1 and self.compiled_decode and all(st.offset > 0 for st in row_states):
-            out = self.shard.decode(x, caches, head=True)
-        else:
-            out = self.shard(x, caches, head=True)
+            out, extra = self.shard.decode(x, caches, head=True), []
+        else:  # the residual blocks, (blocks, B, L, D), batch along axis 1
+            inputs = [x, *(mx.concatenate(parts, axis=1) for parts in zip(*(s.extra for s in rows)))]
+            out, *extra = self.shard.forward(inputs, caches, head=True)
         built = time.perf_counter()
         if self.shard.last:
             lazy = [
@@ -333,8 +358,11 @@ class Stage:
             mx.eval(lazy)
             by_row = [_sampled(o, st) for o, st in zip(lazy, row_states)]
         else:
-            mx.eval(out)
-            by_row = [ForwardResult(activations=out[b : b + 1]) for b in range(len(rows))]
+            mx.eval(out, *extra)
+            by_row = [
+                ForwardResult(activations=out[b : b + 1], extra=tuple(e[:, b : b + 1] for e in extra))
+                for b in range(len(rows))
+            ]
         if length == 1:
             self.kept[key] = KeptBatch(tuple(s.req for s in rows), caches)
             for st in row_states:
@@ -360,5 +388,6 @@ class Stage:
         return self.requests.pop(req, None) is not None
 
     def cache_bytes(self) -> int:
+        """KV caches and recurrent states held, own and in kept batches."""
         own = sum(c.nbytes for s in self.requests.values() if s.cache is not None for c in s.cache)
         return own + sum(c.nbytes for kept in self.kept.values() for c in kept.caches)

@@ -50,7 +50,7 @@ _ID_LIST_FIELDS = frozenset({"eos", "tokens"})  # lists of non-negative ints, at
 MAX_ID_LIST = 64  # also the most tokens one `tokens` message carries
 
 FieldType = type | tuple[type, ...]
-TensorCheck = Callable[[str, list[int]], str | None]
+TensorCheck = Callable[[int, str, list[int]], str | None]
 
 
 class WireError(ValueError):
@@ -73,13 +73,22 @@ class Schema:
     required: dict[str, FieldType]
     optional: dict[str, FieldType] = field(default_factory=dict)
     tensors: int = 0
-    check_tensor: TensorCheck | None = None  # (dtype, shape) -> problem or None
+    check_tensor: TensorCheck | None = None  # (index, dtype, shape) -> problem or None
+    max_tensors: int | None = None  # more than `tensors` allowed, up to this many
+
+    @property
+    def tensor_counts(self) -> range:
+        return range(self.tensors, max(self.tensors, self.max_tensors or 0) + 1)
 
 
-def _forward_tensor(dtype: str, shape: list[int]) -> str | None:
-    if (dtype == "int32" and len(shape) == 2) or (dtype in _FLOATS and len(shape) == 3):
+def _forward_tensor(i: int, dtype: str, shape: list[int]) -> str | None:
+    if i == 0 and ((dtype == "int32" and len(shape) == 2) or (dtype in _FLOATS and len(shape) == 3)):
         return None
-    return f"expected int32 token ids (1, L) or float activations (1, L, D), got {dtype} {shape}"
+    if i == 0:
+        return f"expected int32 token ids (1, L) or float activations (1, L, D), got {dtype} {shape}"
+    if dtype in _FLOATS and len(shape) == 4:
+        return None
+    return f"expected float attention-residual blocks (blocks, 1, L, D) beside the activations, got {dtype} {shape}"
 
 
 SCHEMAS: dict[str, Schema] = {
@@ -90,8 +99,11 @@ SCHEMAS: dict[str, Schema] = {
         # stage until the sequence is `stop_at` tokens long or a token in `eos`
         # comes out; without `stop_at` it only samples.
         {"stop_at": int, "eos": list},
+        # The hidden state (or token ids), then for a model with attention
+        # residuals (Kimi K3) the residual blocks that cross the boundary too.
         tensors=1,
         check_tensor=_forward_tensor,
+        max_tensors=2,
     ),
     "release": Schema({"req": str}),
     # The last stage's sampled tokens for the coordinator, a run of them in
@@ -221,8 +233,10 @@ def _check_fields(kind: str, schema: Schema, fields: dict) -> None:
 def _check_tensor_descs(kind: str, schema: Schema, descs: object) -> list[tuple[str, list[int]]]:
     if not isinstance(descs, list):
         raise WireError(f"{kind}: 'tensors' must be a list of {{dtype, shape}}, got {type(descs).__name__}")
-    if len(descs) != schema.tensors:
-        raise WireError(f"{kind}: carries exactly {schema.tensors} tensor(s), header declares {len(descs)}")
+    counts = schema.tensor_counts
+    if len(descs) not in counts:
+        allowed = str(schema.tensors) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+        raise WireError(f"{kind}: carries {allowed} tensor(s), header declares {len(descs)}")
     specs = []
     for i, desc in enumerate(descs):
         if not isinstance(desc, dict) or desc.keys() != {"dtype", "shape"}:
@@ -239,7 +253,7 @@ def _check_tensor_descs(kind: str, schema: Schema, descs: object) -> list[tuple[
                 f"{kind}: tensor {i} shape {reprlib.repr(shape)} must be a list of "
                 f"at most {MAX_NDIM} ints in [0, {MAX_DIM}]"
             )
-        if schema.check_tensor and (problem := schema.check_tensor(dtype, shape)):
+        if schema.check_tensor and (problem := schema.check_tensor(i, dtype, shape)):
             raise WireError(f"{kind}: tensor {i}: {problem}")
         specs.append((dtype, shape))
     return specs

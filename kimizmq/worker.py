@@ -49,7 +49,15 @@ import mlx.core as mx
 import zmq
 
 from . import log, security, versions, wire, wired
-from .checkpoint import CheckpointError, check_layer_count, read_config, stage_tensor_names, tensor_index
+from .checkpoint import (
+    CheckpointError,
+    check_layer_count,
+    loaded_nbytes,
+    read_config,
+    stage_tensor_names,
+    tensor_index,
+    text_config,
+)
 from .config import Config, ConfigError, WorkerConfig, load_config
 from .control import keep_alive
 from .memory import available_memory_bytes, check_stage_memory
@@ -579,11 +587,11 @@ class Worker:
         t0 = time.monotonic()
         try:
             index = tensor_index(model_dir)
-            model_config = read_config(model_dir)
+            model_config = text_config(read_config(model_dir))
             check_layer_count(index, model_config, model_dir)
             n_layers = model_config["num_hidden_layers"]
             names = stage_tensor_names(index, spec.start, spec.end, first=spec.start == 0, last=spec.end == n_layers)
-            weights = sum(index[n].nbytes for n in names)
+            weights = sum(loaded_nbytes(n, index[n], index) for n in names)  # FP8 counts as bfloat16
             stage = StageAssignment(self.me.name, spec.start, spec.end, weights, spec.reserve_bytes, memory_bytes=0)
             check_stage_memory(stage, available_memory_bytes())  # before a byte is read
             if (wired_limit := wired.apply(self.cfg.runtime.wired_limit_gb)) is not None:
@@ -718,7 +726,7 @@ class Worker:
         return bool(self.stage and self.stage.release(req))
 
     def _n_layers(self) -> int:
-        return self.stage.shard.config["num_hidden_layers"] if self.stage else 0
+        return text_config(self.stage.shard.config)["num_hidden_layers"] if self.stage else 0
 
     def _forward(self, msgs: list[wire.Message]) -> None:
         if not msgs:
@@ -757,7 +765,7 @@ class Worker:
                     request_id=h["req"],
                     tokens=m.tensors[0].shape[1],  # (1, L) token ids or (1, L, D) activations
                 )
-            steps.append(Step(h["req"], h["offset"], m.tensors[0], h["sample"], h["params"]))
+            steps.append(Step(h["req"], h["offset"], m.tensors[0], h["sample"], h["params"], tuple(m.tensors[1:])))
         msgs = live
         if not msgs:
             return
@@ -795,7 +803,8 @@ class Worker:
                 log.bind_request(None)
             elif result.activations is not None:
                 header = {k: h[k] for k in ("req", "seq", "offset", "sample", "params", "stop_at", "eos") if k in h}
-                self._send(self.next, wire.encode("forward", header, [result.activations]), "next")
+                tensors = [result.activations, *result.extra]  # + attention-residual blocks (Kimi K3)
+                self._send(self.next, wire.encode("forward", header, tensors), "next")
             elif result.token is not None:
                 self._deliver(h, m.tensors[0].shape[1], result)
 

@@ -288,6 +288,24 @@ MALFORMED = {
     "too many dims": raw(forward_head(tensors=[{"dtype": "float32", "shape": [1, 1, 1, 1, 4]}]), TOKENS),
     "forward tokens not int32": raw(forward_head(tensors=[{"dtype": "uint32", "shape": [1, 4]}]), TOKENS),
     "forward activations wrong rank": raw(forward_head(tensors=[{"dtype": "float32", "shape": [4]}]), TOKENS),
+    "three forward tensors": raw(
+        forward_head(
+            tensors=[{"dtype": "float32", "shape": [1, 1, 1]}, *[{"dtype": "float32", "shape": [1, 1, 1, 1]}] * 2]
+        ),
+        b"\x00" * 4,
+        b"\x00" * 4,
+        b"\x00" * 4,
+    ),
+    "residual blocks not rank 4": raw(
+        forward_head(tensors=[{"dtype": "float32", "shape": [1, 1, 1]}, {"dtype": "float32", "shape": [1, 1, 1]}]),
+        b"\x00" * 4,
+        b"\x00" * 4,
+    ),
+    "residual blocks not float": raw(
+        forward_head(tensors=[{"dtype": "float32", "shape": [1, 1, 1]}, {"dtype": "int32", "shape": [1, 1, 1, 1]}]),
+        b"\x00" * 4,
+        b"\x00" * 4,
+    ),
     "truncated tensor frame": raw(forward_head(), TOKENS[:-1]),
     "padded tensor frame": raw(forward_head(), TOKENS + b"\x00"),
     "empty tensor frame": raw(forward_head(), b""),
@@ -298,6 +316,16 @@ MALFORMED = {
 def test_malformed_message_is_refused_with_wire_error(frames):
     with pytest.raises(WireError):
         decode(frames)
+
+
+def test_forward_carries_activations_and_residual_blocks_bit_for_bit():
+    """A stage message of a model with attention residuals (Kimi K3): the
+    hidden state and the residual blocks, (blocks, 1, L, D), both exact."""
+    h, blocks = random_array("bfloat16", (1, 5, 16), 1), random_array("bfloat16", (2, 1, 5, 16), 2)
+    msg = decode(encode("forward", FORWARD, [h, blocks]))
+    assert len(msg.tensors) == 2
+    assert_same(msg.tensors[0], h)
+    assert_same(msg.tensors[1], blocks)
 
 
 def test_wrong_version_names_both_versions():
