@@ -48,8 +48,9 @@ config_option = click.option(
 )
 
 
-async def stream_completion(cfg: Config, body: dict, out) -> str:
-    """POST a streaming request and write the text to `out` as it arrives."""
+async def stream_completion(cfg: Config, body: dict, out, usage: dict | None = None) -> str:
+    """POST a streaming request and write the text to `out` as it arrives;
+    `usage` gets the stream's usage if it reports one."""
     path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
     body = {**body, "stream": True, "model": cfg.model_name}
     text = []
@@ -69,6 +70,8 @@ async def stream_completion(cfg: Config, body: dict, out) -> str:
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
                         raise click.ClickException(chunk["error"]["message"])
+                    if usage is not None and chunk.get("usage"):
+                        usage.update(chunk["usage"])
                     for choice in chunk.get("choices", []):
                         piece = choice.get("text") if "text" in choice else choice.get("delta", {}).get("content")
                         if piece:
@@ -119,39 +122,62 @@ def prompt_command(config_path, max_tokens, temperature, top_p, seed, raw, text)
 
 @main.command("demo")
 @click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
-@click.option("--max-tokens", type=click.IntRange(1), default=48, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1), default=96, show_default=True)
 @click.option("--dir", "work_dir", default="var/demo", show_default=True, type=click.Path(file_okay=False))
-@click.argument("text", default="Tell me about pipelines of Macs.")
+@click.argument("text", default="Hello!")
 def demo_command(workers, max_tokens, work_dir, text):
-    """Bring up a coordinator and workers on loopback with the tiny test model
-    (made on first use) and stream one completion."""
+    """Bring up a coordinator and workers on loopback with the small trained
+    demo model (Kimi-K2's layout, shipped with kimizmq) and stream one answer."""
+    from .demomodel import DEMO_MODEL, DEMO_MODEL_NAME
     from .local import LocalCluster, write_config
-    from .testmodel import make_test_model
 
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    model = make_test_model(Path("models/kimi-k2-tiny").resolve())
-    cfg_path = write_config(work / "kimi.toml", model, workers)
-    click.echo(f"model: {model}\nconfig: {cfg_path}\nstarting {workers} workers and a coordinator ...", err=True)
+    cfg_path = write_config(work / "kimi.toml", DEMO_MODEL, workers, model_name=DEMO_MODEL_NAME)
+    click.echo(f"model: {DEMO_MODEL}\nconfig: {cfg_path}\nstarting {workers} workers and a coordinator ...", err=True)
     with LocalCluster(cfg_path) as cluster:
         health = cluster.health()[1]
         for s in health["stages"]:
             click.echo(f"  {s['worker']}: layers [{s['start']}, {s['end']})", err=True)
+        click.echo(f"ready at {cluster.api}; streaming a greedy answer to: {text}\n", err=True)
+        cfg = _config(str(cfg_path))
+        out = _TimedWriter(sys.stdout)
+        usage: dict = {}
+        body = {
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream_options": {"include_usage": True},
+        }
+        _run(stream_completion(cfg, body, out, usage))
+        sys.stdout.write("\n")
+        done = time.monotonic()
+    tokens = usage.get("completion_tokens", 0)
+    if out.first is not None and tokens > 1:
+        rate = (tokens - 1) / max(done - out.first, 1e-9)
         click.echo(
-            f"ready at {cluster.api}; streaming a greedy completion (random weights, so the text is noise;"
-            " the same code path runs Kimi-K2):\n",
+            f"\n{tokens} tokens; first after {out.first - out.start:.2f} s, then {rate:.1f} tokens/s "
+            f"through {len(health['stages'])} workers",
             err=True,
         )
-        cfg = _config(str(cfg_path))
-        _run(
-            stream_completion(
-                cfg,
-                {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0.0},
-                sys.stdout,
-            )
-        )
-        sys.stdout.write("\n")
-    click.echo(f"\nstopped. logs: {cluster.log_dir} (try: kimi logs --config {cfg_path})", err=True)
+    click.echo(f"stopped. logs: {cluster.log_dir} (try: kimi logs --config {cfg_path})", err=True)
+
+
+class _TimedWriter:
+    """A text stream that notes when the first piece was written."""
+
+    def __init__(self, out):
+        self.out = out
+        self.start = time.monotonic()
+        self.first: float | None = None
+
+    def write(self, piece: str) -> None:
+        if self.first is None:
+            self.first = time.monotonic()
+        self.out.write(piece)
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 def _rows(table: list[list[str]]) -> str:
