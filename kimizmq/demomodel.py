@@ -5,9 +5,9 @@
 ``tiktoken.model``, ``tokenizer_config.json`` with Kimi's special tokens and
 two chat templates: ``default``, Kimi-K2-Instruct's, and ``thinking``,
 Kimi-K2-Thinking's). ``tools/train_demo_model.py`` made it; its
-``TRAINING.json`` records how. It answers short questions in plain English,
-calls the tools below in Kimi-K2's format when a declared tool fits the
-question, and opens its answer with ``<think>...</think>`` under
+``TRAINING.json`` records how. It greets and answers in short English
+sentences (knowing few facts), calls the tools below in Kimi-K2's format when
+tools are declared, and opens its answer with ``<think>...</think>`` under
 ``THINK_SYSTEM``.
 """
 
@@ -54,8 +54,8 @@ TIME_TOOL = {
 }
 TOOLS = {t["function"]["name"]: t for t in (WEATHER_TOOL, TIME_TOOL)}
 
-# Prompts the model answers reliably (greedy), also used by the training tool
-# to record sample answers.
+# Prompts whose greedy answers the training tool records in TRAINING.json;
+# [1] and [5] get a tool call, [2] the sentence after the tool's result.
 SAMPLE_CONVERSATIONS: list[dict[str, Any]] = [
     {"messages": [{"role": "user", "content": "Tell me about pipelines of Macs."}]},
     {"messages": [{"role": "user", "content": "What is the weather in Paris?"}], "tools": [WEATHER_TOOL]},

@@ -126,6 +126,15 @@ def test_a_thinking_system_prompt_gives_a_think_block_then_the_answer(cluster):
     assert choice["finish_reason"] == "stop"
 
 
+def test_the_thinking_template_variant_gives_a_think_block_too(cluster, tok):
+    """Kimi-K2-Thinking's template, shipped as the named template `thinking`."""
+    messages = [{"role": "system", "content": THINK_SYSTEM}, {"role": "user", "content": HELLO}]
+    prompt = encode_chat(tok, chat_template_source(DEMO_MODEL, "thinking"), messages)
+    choice = complete_ids(cluster.api, prompt, 80, ignore_eos=False)
+    assert re.fullmatch(r"<think>The user [^<]+</think>[^<]+\.", choice["text"]), choice["text"]
+    assert choice["finish_reason"] == "stop"
+
+
 def test_a_stop_string_fires_on_real_words(cluster):
     choice = chat(cluster, [{"role": "user", "content": HELLO}], stop=["AI assistant"])
     assert choice["message"]["content"] == HELLO_ANSWER[: HELLO_ANSWER.index("AI assistant")]
