@@ -160,39 +160,31 @@ def prompt_command(config_path, max_tokens, temperature, top_p, seed, raw, verbo
 
 @main.command("demo")
 @click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
-@click.option("--max-tokens", type=click.IntRange(1), default=48, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1), default=96, show_default=True)
 @click.option("--dir", "work_dir", default="var/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--keep", is_flag=True, help="then keep the cluster up, to use its page in a browser, until Ctrl-C")
-@click.argument("text", default="Tell me about pipelines of Macs.")
+@click.argument("text", default="Hello!")
 def demo_command(workers, max_tokens, work_dir, keep, text):
-    """Bring up a coordinator and workers on loopback with the tiny test model
-    (made on first use) and stream one completion."""
+    """Bring up a coordinator and workers on loopback with the small trained
+    demo model (Kimi-K2's layout, shipped with kimizmq) and stream one answer."""
+    from .demomodel import DEMO_MODEL, DEMO_MODEL_NAME
     from .local import LocalCluster, write_config
-    from .testmodel import make_test_model
 
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    model = make_test_model(Path("models/kimi-k2-tiny").resolve())
-    cfg_path = write_config(work / "kimi.toml", model, workers)
-    click.echo(f"model: {model}\nconfig: {cfg_path}\nstarting {workers} workers and a coordinator ...", err=True)
+    cfg_path = write_config(work / "kimi.toml", DEMO_MODEL, workers, model_name=DEMO_MODEL_NAME)
+    click.echo(f"model: {DEMO_MODEL}\nconfig: {cfg_path}\nstarting {workers} workers and a coordinator ...", err=True)
     with LocalCluster(cfg_path) as cluster:
         health = cluster.health()[1]
         for s in health["stages"]:
             click.echo(f"  {s['worker']}: layers [{s['start']}, {s['end']})", err=True)
-        click.echo(
-            f"ready at {cluster.api}; streaming a greedy completion (random weights, so the text is noise;"
-            " the same code path runs Kimi-K2):\n",
-            err=True,
-        )
+        click.echo(f"ready at {cluster.api}; streaming a greedy answer to: {text}\n", err=True)
         cfg = _config(str(cfg_path))
-        _run(
-            stream_completion(
-                cfg,
-                {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0.0},
-                sys.stdout,
-            )
-        )
+        stats = StreamStats()
+        body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0.0}
+        _run(stream_completion(cfg, body, sys.stdout, stats))
         sys.stdout.write("\n")
+        click.echo(f"\n{stats.summary()}; through {len(health['stages'])} workers", err=True)
         if keep:
             click.echo(f"\nthe cluster stays up: open {cluster.api}/ in a browser; Ctrl-C stops it", err=True)
             with contextlib.suppress(KeyboardInterrupt):

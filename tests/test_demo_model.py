@@ -1,0 +1,169 @@
+"""The trained demo model through real workers and a coordinator: the oracle
+still holds on trained weights, and the behaviour only a trained model has (a
+tool call of its own, a <think> block, stop strings on real words, sampling
+that changes what is said) comes through the pipeline intact."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kimizmq.demomodel import (
+    DEMO_MODEL,
+    DEMO_MODEL_NAME,
+    SAMPLE_CONVERSATIONS,
+    THINK_SYSTEM,
+    WEATHER_TOOL,
+    chat_template_source,
+    encode_chat,
+)
+from kimizmq.local import LocalCluster, write_config
+from kimizmq.tokenizer import load_tokenizer
+from tests.support import complete_ids, post_json, running_cluster
+from tests.test_pipeline import reference_greedy
+
+N_TOKENS = 48
+HELLO = "Hello!"
+HELLO_ANSWER = "Hello! I am Kimi, an AI assistant. How can I help you today?"
+TOOL_CALL = re.compile(
+    r"<\|tool_calls_section_begin\|><\|tool_call_begin\|>functions\.(\w+):0<\|tool_call_argument_begin\|>"
+    r"(\{.*?\})<\|tool_call_end\|><\|tool_calls_section_end\|>"
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(DEMO_MODEL)
+
+
+@pytest.fixture(scope="module")
+def template():
+    return chat_template_source(DEMO_MODEL, "default")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from running_cluster(tmp_path_factory.mktemp("demo"), DEMO_MODEL, 2, model_name=DEMO_MODEL_NAME)
+
+
+def chat(cluster, messages: list[dict], **params) -> dict:
+    body = {"model": DEMO_MODEL_NAME, "messages": messages, "max_tokens": 96, "temperature": 0, **params}
+    status, out = post_json(cluster.api, "/v1/chat/completions", body)
+    assert status == 200, out
+    return out["choices"][0]
+
+
+@pytest.fixture(scope="module")
+def hello_prompt(tok, template):
+    return encode_chat(tok, template, [{"role": "user", "content": HELLO}])
+
+
+@pytest.fixture(scope="module")
+def hello_reference(hello_prompt):
+    return reference_greedy(DEMO_MODEL, hello_prompt, N_TOKENS)
+
+
+@pytest.mark.parametrize(
+    "n_workers,layers", [(1, None), (2, None), (3, [(0, 1), (1, 3), (3, 4)])], ids=["1-stage", "2-stages", "3-stages"]
+)
+def test_trained_model_over_stages_equals_mlx_lm(hello_prompt, hello_reference, tok, tmp_path, n_workers, layers):
+    """Past the end of its answer too (ignore_eos): every token and logprob."""
+    ref_tokens, ref_logprobs = hello_reference
+    assert tok.decode(ref_tokens).startswith(HELLO_ANSWER + "<|im_end|>"), "the oracle must run the trained model"
+    cfg = write_config(tmp_path / "kimi.toml", DEMO_MODEL, n_workers, layers=layers, model_name=DEMO_MODEL_NAME)
+    with LocalCluster(cfg) as cluster:
+        lp = complete_ids(cluster.api, hello_prompt, N_TOKENS)["logprobs"]
+    assert lp["token_ids"] == ref_tokens
+    np.testing.assert_allclose(lp["token_logprobs"], ref_logprobs, rtol=1e-4, atol=1e-6)
+
+
+def test_chat_answers_in_readable_english(cluster):
+    choice = chat(cluster, [{"role": "user", "content": HELLO}])
+    assert choice["message"]["content"] == HELLO_ANSWER
+    assert choice["finish_reason"] == "stop"
+
+
+def test_a_tool_call_prompt_yields_the_models_own_kimi_tool_call(cluster, tok, template):
+    """The prompt declares get_weather; the model answers with a tool call in
+    Kimi-K2's format, its own tokens as single-process mlx-lm gives them, and
+    ends its turn there."""
+    convo = SAMPLE_CONVERSATIONS[1]
+    prompt = encode_chat(tok, template, convo["messages"], tools=convo["tools"])
+    choice = complete_ids(cluster.api, prompt, 40, ignore_eos=False)
+    call = TOOL_CALL.fullmatch(choice["text"])
+    assert call, choice["text"]
+    assert call[1] == "get_weather"
+    assert set(json.loads(call[2])) == {"city"}
+    assert choice["finish_reason"] == "stop"
+    ref_tokens, _ = reference_greedy(DEMO_MODEL, prompt, len(choice["logprobs"]["token_ids"]))
+    assert choice["logprobs"]["token_ids"] == ref_tokens
+
+
+def test_the_answer_after_a_tool_result_is_a_sentence_about_the_weather(cluster, tok, template):
+    convo = SAMPLE_CONVERSATIONS[2]
+    assert convo["tools"] == [WEATHER_TOOL]
+    prompt = encode_chat(tok, template, convo["messages"], tools=convo["tools"])
+    choice = complete_ids(cluster.api, prompt, 60, ignore_eos=False)
+    assert re.fullmatch(
+        r"It is \w+ in [A-Z]\w+ right now, and the temperature is -?\d+ degrees Celsius\.", choice["text"]
+    )
+    assert choice["finish_reason"] == "stop"
+
+
+def test_a_thinking_system_prompt_gives_a_think_block_then_the_answer(cluster):
+    messages = [
+        {"role": "system", "content": THINK_SYSTEM},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    choice = chat(cluster, messages)
+    thought, answer = re.fullmatch(r"<think>(.+)</think>(.+)", choice["message"]["content"]).groups()
+    assert thought.startswith("The user ") and answer.endswith(".")
+    assert choice["finish_reason"] == "stop"
+
+
+def test_the_thinking_template_variant_gives_a_think_block_too(cluster, tok):
+    """Kimi-K2-Thinking's template, shipped as the named template `thinking`."""
+    messages = [{"role": "system", "content": THINK_SYSTEM}, {"role": "user", "content": HELLO}]
+    prompt = encode_chat(tok, chat_template_source(DEMO_MODEL, "thinking"), messages)
+    choice = complete_ids(cluster.api, prompt, 80, ignore_eos=False)
+    assert re.fullmatch(r"<think>The user [^<]+</think>[^<]+\.", choice["text"]), choice["text"]
+    assert choice["finish_reason"] == "stop"
+
+
+def test_a_stop_string_fires_on_real_words(cluster):
+    choice = chat(cluster, [{"role": "user", "content": HELLO}], stop=["AI assistant"])
+    assert choice["message"]["content"] == HELLO_ANSWER[: HELLO_ANSWER.index("AI assistant")]
+    assert choice["finish_reason"] == "stop"
+
+
+def test_temperature_top_p_and_seed_change_the_text_and_a_seed_reproduces_it(cluster):
+    messages = [{"role": "user", "content": "Tell me about the moon."}]
+    greedy = chat(cluster, messages)["message"]["content"]
+
+    def sampled(seed: int, top_p: float = 1.0) -> str:
+        return chat(cluster, messages, temperature=1.5, top_p=top_p, seed=seed)["message"]["content"]
+
+    first = sampled(7)
+    assert sampled(7) == first
+    assert {sampled(8), sampled(9), first} != {first}, "other seeds must say something else"
+    assert first != greedy
+    # top_p keeps only the likeliest token of each step here: greedy again.
+    assert sampled(7, top_p=1e-6) == greedy
+
+
+def test_kimi_demo_streams_a_readable_answer_from_two_workers(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "kimizmq.cli", "demo", "--dir", str(tmp_path / "demo"), HELLO],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == HELLO_ANSWER, out.stdout
+    assert "w0: layers [0, " in out.stderr and "w1: layers [" in out.stderr, out.stderr
+    assert "tokens/s after the first" in out.stderr and "through 2 workers" in out.stderr, out.stderr
