@@ -464,7 +464,7 @@ def test_api_section_refuses_unknown_keys_and_non_booleans(tmp_path):
     }
     assert parse_config(base, tmp_path / "k.toml").api.dashboard is True
     assert parse_config({**base, "api": {"dashboard": False}}, tmp_path / "k.toml").api.dashboard is False
-    with pytest.raises(ConfigError, match=r"\[api\]: unknown keys \['dashbord'\]"):
+    with pytest.raises(ConfigError, match=r"\[api\]: unknown key 'dashbord'; did you mean 'dashboard'"):
         parse_config({**base, "api": {"dashbord": False}}, tmp_path / "k.toml")
     with pytest.raises(ConfigError, match="dashboard"):
         parse_config({**base, "api": {"dashboard": "no"}}, tmp_path / "k.toml")
