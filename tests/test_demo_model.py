@@ -36,6 +36,10 @@ from tests.test_pipeline import reference_greedy
 N_TOKENS = 48
 HELLO = "Hello!"
 HELLO_ANSWER = "Hello! I am Kimi, an AI assistant. How can I help you today?"
+THINK_MESSAGES = [
+    {"role": "system", "content": THINK_SYSTEM},
+    {"role": "user", "content": "What is the capital of France?"},
+]
 TOOL_CALL = re.compile(
     r"<\|tool_calls_section_begin\|><\|tool_call_begin\|>functions\.(\w+):0<\|tool_call_argument_begin\|>"
     r"(\{.*?\})<\|tool_call_end\|><\|tool_calls_section_end\|>"
@@ -55,6 +59,11 @@ def template():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     yield from running_cluster(tmp_path_factory.mktemp("demo"), DEMO_MODEL, 2, model_name=DEMO_MODEL_NAME)
+
+
+@pytest.fixture(scope="module")
+def client(cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.api + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def chat(cluster, messages: list[dict], **params) -> dict:
@@ -121,15 +130,38 @@ def test_the_answer_after_a_tool_result_is_a_sentence_about_the_weather(cluster,
     assert choice["finish_reason"] == "stop"
 
 
-def test_a_thinking_system_prompt_gives_a_think_block_then_the_answer(cluster):
-    messages = [
-        {"role": "system", "content": THINK_SYSTEM},
-        {"role": "user", "content": "What is the capital of France?"},
-    ]
-    choice = chat(cluster, messages)
-    thought, answer = re.fullmatch(r"<think>(.+)</think>(.+)", choice["message"]["content"]).groups()
-    assert thought.startswith("The user ") and answer.endswith(".")
-    assert choice["finish_reason"] == "stop"
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_a_thinking_system_prompt_gives_reasoning_content_then_the_answer(client, streamed):
+    """The model serves Kimi-K2-Instruct's template and ships Kimi-K2-Thinking's
+    too: the <think> block it opens with under THINK_SYSTEM is reasoning_content."""
+    kw = dict(model=DEMO_MODEL_NAME, messages=THINK_MESSAGES, temperature=0, max_tokens=96)
+    if streamed:
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+        content = "".join(d.content or "" for d in deltas)
+        (finish,) = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    else:
+        choice = client.chat.completions.create(**kw).choices[0]
+        reasoning, content, finish = choice.message.reasoning_content, choice.message.content, choice.finish_reason
+    assert reasoning.startswith("The user ") and content.endswith("."), (reasoning, content)
+    assert not any(m in reasoning + content for m in ("<think>", "</think>"))
+    assert finish == "stop"
+
+
+def test_the_anthropic_sdk_gets_the_think_block_as_a_thinking_block(cluster):
+    claude = anthropic.Anthropic(base_url=cluster.api, api_key="none", max_retries=0, timeout=120)
+    answer = claude.messages.create(
+        model=DEMO_MODEL_NAME,
+        max_tokens=96,
+        system=THINK_SYSTEM,
+        messages=THINK_MESSAGES[1:],
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        extra_body={"temperature": 0},
+    )
+    assert [b.type for b in answer.content] == ["thinking", "text"]
+    assert answer.content[0].thinking.startswith("The user ") and answer.content[1].text.endswith(".")
+    assert "<think>" not in answer.content[1].text and answer.stop_reason == "end_turn"
 
 
 def test_the_thinking_template_variant_gives_a_think_block_too(cluster, tok):
@@ -178,11 +210,6 @@ def time_result(arguments: str) -> str:
 def check_answer_text(text: str) -> None:
     assert TIME_ANSWER.fullmatch(text), text
     assert not any(m in text for m in TOOL_MARKERS)
-
-
-@pytest.fixture(scope="module")
-def client(cluster) -> openai.OpenAI:
-    return openai.OpenAI(base_url=cluster.api + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
