@@ -34,7 +34,7 @@ from .api import (
 )
 from .coordinator import Engine, Event, Request
 from .grammar import tool_call_grammar
-from .toolcalls import template_thinks
+from .toolcalls import may_think, template_thinks
 
 FIELDS = frozenset(
     {
@@ -272,14 +272,17 @@ async def _messages(request: web.Request) -> web.StreamResponse:
             raise ApiError(400, f"{name} is not supported by this server", name)
     if not isinstance(body.get("max_tokens"), int) or isinstance(body.get("max_tokens"), bool):
         raise ApiError(400, "max_tokens is required: an integer", "max_tokens")
-    thinks = template_thinks(engine.tokenizer.chat_template_source)
+    # A model served with a thinking template always thinks; one that ships no
+    # thinking template never does; one in between thinks when its prompt asks.
+    always = template_thinks(engine.tokenizer.chat_template_source)
+    never = not may_think(engine.tokenizer.shipped_chat_templates)
     thinking = body.get("thinking") or {"type": "disabled"}
     if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled"):
         raise ApiError(400, 'thinking must be {"type": "enabled", ...} or {"type": "disabled"}', "thinking")
-    if (thinking["type"] == "enabled") != thinks:
+    if (always and thinking["type"] == "disabled") or (never and thinking["type"] == "enabled"):
         raise ApiError(
             400,
-            f"this model {'always' if thinks else 'never'} thinks: thinking cannot be {thinking['type']}",
+            f"this model {'always' if always else 'never'} thinks: thinking cannot be {thinking['type']}",
             "thinking",
         )
     tools, choice, parallel = _openai_tools(body)

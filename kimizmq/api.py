@@ -28,7 +28,7 @@ from . import dashboard, grammar, log, metrics
 from .coordinator import Engine, Event, QueueFull, Request, RequestError
 from .plan import GIB
 from .tokenizer import RenderError
-from .toolcalls import SECTION_BEGIN, OutputParser, template_thinks
+from .toolcalls import SECTION_BEGIN, OutputParser, may_think
 
 MAX_BODY_BYTES = 4 << 20
 SHUTDOWN_TIMEOUT_S = 2.0  # on SIGTERM, open streams get this long to end
@@ -627,7 +627,7 @@ class ChatOutput:
     split by the model's markers, and its logprobs."""
 
     def __init__(self, engine: Engine, tools: bool, parallel: bool, logprobs: bool):
-        thinking = template_thinks(engine.tokenizer.chat_template_source)
+        thinking = may_think(engine.tokenizer.shipped_chat_templates)
         self.engine, self.parallel, self.logprobs = engine, parallel, logprobs
         self.parser = OutputParser(thinking=thinking, tools=tools)
         self.pending_logprobs: list[dict] = []

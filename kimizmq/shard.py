@@ -8,7 +8,7 @@ outside the slice are never read from disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -333,8 +333,9 @@ def _quantize(model: nn.Module, quantization: dict | None, weights: dict[str, mx
 class ShardLoader:
     """Layers [start, end) of the checkpoint at `model_dir`, read a module at a time.
 
-    Making one reads only config.json and the safetensors headers, so `nbytes`
-    (the shard's weight bytes) is known before a tensor is read. Iterating reads
+    Making one reads only config.json and the safetensors headers, so `index`
+    (every tensor of the checkpoint), `names` (the shard's) and `nbytes` (its
+    weight bytes on disk) are known before a tensor is read. Iterating reads
     the shard, yielding (done_bytes, total_bytes) after each module, and leaves
     it in `shard`. A daemon iterates on its own loop's thread between messages:
     MLX arrays and streams belong to the thread that made them (on CUDA,
@@ -351,8 +352,8 @@ class ShardLoader:
             raise ShardError(f"layer range [{start}, {end}) is not inside the model's {n_layers} layers")
         self.start, self.end, self.dtype = start, end, dtype
         self.first, self.last = start == 0, end == n_layers
-        index = tensor_index(self.model_dir)
-        names = stage_tensor_names(index, start, end, first=self.first, last=self.last)
+        self.index = index = tensor_index(self.model_dir)
+        self.names = names = stage_tensor_names(index, start, end, first=self.first, last=self.last)
         self.nbytes = sum(index[n].nbytes for n in names)
         self._by_file: dict[Path, list[str]] = {}
         for n in names:
@@ -433,15 +434,6 @@ def load_shard(
     return loader.shard
 
 
-def iter_load_shard(
-    model_dir: str | Path, start: int, end: int, *, dtype: str = "auto"
-) -> Generator[tuple[int, int], None, Shard]:
-    """A `ShardLoader`'s progress as a generator that returns the Shard."""
-    loader = ShardLoader(model_dir, start, end, dtype=dtype)
-    yield from loader
-    return loader.shard
-
-
 __all__ = [
     "DECODE_MODES",
     "Shard",
@@ -449,7 +441,6 @@ __all__ = [
     "ShardLoader",
     "compiled_decode",
     "compute_dtype",
-    "iter_load_shard",
     "load_shard",
     "residual_blocks_in",
 ]

@@ -124,10 +124,14 @@ class Tokenizer(ABC):
     eos_token_ids: set[int]
     vocab_size: int
 
-    def __init__(self, model_dir: Path, config: dict, chat_template: str | None):
+    def __init__(
+        self, model_dir: Path, config: dict, chat_template: str | None, *, shipped_templates: list[str] | None = None
+    ):
         self.model_dir = model_dir
         self._config = config
         self.chat_template_source = chat_template
+        # every chat template the checkpoint ships: the one served and named others (a thinking variant)
+        self.shipped_chat_templates = shipped_templates if shipped_templates is not None else [chat_template or ""]
         self._chat_template = None
         if chat_template is not None:
             try:
@@ -224,7 +228,12 @@ class TiktokenTokenizer(Tokenizer):
     """Kimi's tokenizer: tiktoken.model plus tokenizer_config.json."""
 
     def __init__(self, model_dir: Path, config: dict, tokenizer_config: dict):
-        super().__init__(model_dir, config, load_chat_template(model_dir, tokenizer_config))
+        super().__init__(
+            model_dir,
+            config,
+            load_chat_template(model_dir, tokenizer_config),
+            shipped_templates=shipped_chat_templates(model_dir, tokenizer_config),
+        )
         self._tokenizer_config = tokenizer_config
         ranks = load_ranks(model_dir / "tiktoken.model")
         num_base = len(ranks)
@@ -274,7 +283,12 @@ class HFTokenizer(Tokenizer):
     """Any tokenizer.json model, through transformers without remote code."""
 
     def __init__(self, model_dir: Path, config: dict, tokenizer_config: dict):
-        super().__init__(model_dir, config, load_chat_template(model_dir, tokenizer_config))
+        super().__init__(
+            model_dir,
+            config,
+            load_chat_template(model_dir, tokenizer_config),
+            shipped_templates=shipped_chat_templates(model_dir, tokenizer_config),
+        )
         from transformers import AutoTokenizer
 
         try:
@@ -347,6 +361,18 @@ def load_chat_template(model_dir: Path, tokenizer_config: dict) -> str | None:
         named = {t["name"]: t["template"] for t in template}
         template = named.get("default")
     return template
+
+
+def shipped_chat_templates(model_dir: Path, tokenizer_config: dict) -> list[str]:
+    """chat_template.jinja and each of tokenizer_config.json's chat templates."""
+    jinja_file = model_dir / "chat_template.jinja"
+    sources = [jinja_file.read_text()] if jinja_file.exists() else []
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):
+        sources += [t["template"] for t in template]
+    elif isinstance(template, str):
+        sources.append(template)
+    return sources
 
 
 def load_ranks(path: Path) -> dict[bytes, int]:

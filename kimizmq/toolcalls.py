@@ -180,3 +180,10 @@ def _merge(deltas: list[dict]) -> list[dict]:
 def template_thinks(source: str | None) -> bool:
     """Whether a chat template writes <think> blocks (Kimi-K2-Thinking and later)."""
     return bool(source) and THINK_BEGIN in source
+
+
+def may_think(shipped_templates: list[str]) -> bool:
+    """Whether a model may open its answer with a <think> block: one of the
+    chat templates its checkpoint ships writes them, even if another is served
+    (a model that thinks when its system prompt asks it to)."""
+    return any(template_thinks(t) for t in shipped_templates)

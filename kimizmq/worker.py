@@ -53,16 +53,13 @@ from .checkpoint import (
     CheckpointError,
     check_layer_count,
     loaded_nbytes,
-    read_config,
-    stage_tensor_names,
-    tensor_index,
     text_config,
 )
 from .config import Config, ConfigError, WorkerConfig, load_config
 from .control import keep_alive
 from .memory import available_memory_bytes, check_stage_memory
 from .plan import StageAssignment
-from .shard import ShardError, compiled_decode, iter_load_shard
+from .shard import ShardError, ShardLoader, compiled_decode
 from .stage import ForwardResult, Stage, StageError, Step
 from .versions import version_option
 
@@ -586,29 +583,22 @@ class Worker:
         model_dir = self.cfg.model_path
         t0 = time.monotonic()
         try:
-            index = tensor_index(model_dir)
-            model_config = text_config(read_config(model_dir))
-            check_layer_count(index, model_config, model_dir)
-            n_layers = model_config["num_hidden_layers"]
-            names = stage_tensor_names(index, spec.start, spec.end, first=spec.start == 0, last=spec.end == n_layers)
-            weights = sum(loaded_nbytes(n, index[n], index) for n in names)  # FP8 counts as bfloat16
+            loader = ShardLoader(model_dir, spec.start, spec.end, dtype=spec.dtype)  # headers only, so far
+            check_layer_count(loader.index, text_config(loader.config), model_dir)
+            # FP8 counts as bfloat16: the memory the loaded shard takes, not its bytes on disk
+            weights = sum(loaded_nbytes(n, loader.index[n], loader.index) for n in loader.names)
             stage = StageAssignment(self.me.name, spec.start, spec.end, weights, spec.reserve_bytes, memory_bytes=0)
             check_stage_memory(stage, available_memory_bytes())  # before a byte is read
             if (wired_limit := wired.apply(self.cfg.runtime.wired_limit_gb)) is not None:
                 logger.info("wired_limit_set", bytes=wired_limit)
             logger.info("load_started", start=spec.start, end=spec.end, bytes=weights, model=str(model_dir))
 
-            loading = iter_load_shard(model_dir, spec.start, spec.end, dtype=spec.dtype)
-            while True:
-                try:
-                    done, total = next(loading)
-                except StopIteration as finished:
-                    shard = finished.value
-                    break
+            for done, total in loader:
                 rate = done / max(time.monotonic() - t0, 1e-9)
                 self.progress = {"done_bytes": done, "total_bytes": total, "rate_bytes_s": rate}
                 logger.info("load_progress", done_bytes=done, total_bytes=total, rate_mb_s=round(rate / 1e6, 1))
                 yield
+            shard = loader.shard
             self.stage = Stage(
                 shard,
                 max_requests=spec.max_requests,

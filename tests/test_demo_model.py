@@ -1,7 +1,9 @@
 """The trained demo model through real workers and a coordinator: the oracle
 still holds on trained weights, and the behaviour only a trained model has (a
 tool call of its own, a <think> block, stop strings on real words, sampling
-that changes what is said) comes through the pipeline intact."""
+that changes what is said) comes through the pipeline intact, and the agent
+loop runs on the model's own tool calls with the openai, anthropic and
+langchain-openai SDKs."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import re
 import subprocess
 import sys
 
+import anthropic
 import numpy as np
+import openai
 import pytest
 
 from kimizmq.demomodel import (
@@ -18,18 +22,24 @@ from kimizmq.demomodel import (
     DEMO_MODEL_NAME,
     SAMPLE_CONVERSATIONS,
     THINK_SYSTEM,
+    TIME_TOOL,
     WEATHER_TOOL,
     chat_template_source,
     encode_chat,
 )
 from kimizmq.local import LocalCluster, write_config
 from kimizmq.tokenizer import load_tokenizer
+from kimizmq.toolcalls import TOOL_MARKERS
 from tests.support import complete_ids, post_json, running_cluster
 from tests.test_pipeline import reference_greedy
 
 N_TOKENS = 48
 HELLO = "Hello!"
 HELLO_ANSWER = "Hello! I am Kimi, an AI assistant. How can I help you today?"
+THINK_MESSAGES = [
+    {"role": "system", "content": THINK_SYSTEM},
+    {"role": "user", "content": "What is the capital of France?"},
+]
 TOOL_CALL = re.compile(
     r"<\|tool_calls_section_begin\|><\|tool_call_begin\|>functions\.(\w+):0<\|tool_call_argument_begin\|>"
     r"(\{.*?\})<\|tool_call_end\|><\|tool_calls_section_end\|>"
@@ -49,6 +59,11 @@ def template():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     yield from running_cluster(tmp_path_factory.mktemp("demo"), DEMO_MODEL, 2, model_name=DEMO_MODEL_NAME)
+
+
+@pytest.fixture(scope="module")
+def client(cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.api + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def chat(cluster, messages: list[dict], **params) -> dict:
@@ -115,15 +130,38 @@ def test_the_answer_after_a_tool_result_is_a_sentence_about_the_weather(cluster,
     assert choice["finish_reason"] == "stop"
 
 
-def test_a_thinking_system_prompt_gives_a_think_block_then_the_answer(cluster):
-    messages = [
-        {"role": "system", "content": THINK_SYSTEM},
-        {"role": "user", "content": "What is the capital of France?"},
-    ]
-    choice = chat(cluster, messages)
-    thought, answer = re.fullmatch(r"<think>(.+)</think>(.+)", choice["message"]["content"]).groups()
-    assert thought.startswith("The user ") and answer.endswith(".")
-    assert choice["finish_reason"] == "stop"
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_a_thinking_system_prompt_gives_reasoning_content_then_the_answer(client, streamed):
+    """The model serves Kimi-K2-Instruct's template and ships Kimi-K2-Thinking's
+    too: the <think> block it opens with under THINK_SYSTEM is reasoning_content."""
+    kw = dict(model=DEMO_MODEL_NAME, messages=THINK_MESSAGES, temperature=0, max_tokens=96)
+    if streamed:
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+        content = "".join(d.content or "" for d in deltas)
+        (finish,) = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    else:
+        choice = client.chat.completions.create(**kw).choices[0]
+        reasoning, content, finish = choice.message.reasoning_content, choice.message.content, choice.finish_reason
+    assert reasoning.startswith("The user ") and content.endswith("."), (reasoning, content)
+    assert not any(m in reasoning + content for m in ("<think>", "</think>"))
+    assert finish == "stop"
+
+
+def test_the_anthropic_sdk_gets_the_think_block_as_a_thinking_block(cluster):
+    claude = anthropic.Anthropic(base_url=cluster.api, api_key="none", max_retries=0, timeout=120)
+    answer = claude.messages.create(
+        model=DEMO_MODEL_NAME,
+        max_tokens=96,
+        system=THINK_SYSTEM,
+        messages=THINK_MESSAGES[1:],
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        extra_body={"temperature": 0},
+    )
+    assert [b.type for b in answer.content] == ["thinking", "text"]
+    assert answer.content[0].thinking.startswith("The user ") and answer.content[1].text.endswith(".")
+    assert "<think>" not in answer.content[1].text and answer.stop_reason == "end_turn"
 
 
 def test_the_thinking_template_variant_gives_a_think_block_too(cluster, tok):
@@ -154,6 +192,124 @@ def test_temperature_top_p_and_seed_change_the_text_and_a_seed_reproduces_it(clu
     assert first != greedy
     # top_p keeps only the likeliest token of each step here: greedy again.
     assert sampled(7, top_p=1e-6) == greedy
+
+
+# -- the agent loop, the model choosing the tool itself (tool_choice auto, greedy) --------
+
+TIME_QUESTION = [{"role": "user", "content": "What time is it in Tokyo?"}]
+AGENT_TOOLS = [TIME_TOOL, WEATHER_TOOL]
+# The model reads few facts back from a tool's result: its answer after one is
+# a sentence of the shape it learnt (the city and time it names may be others).
+TIME_ANSWER = re.compile(r"The local time in [A-Za-z :0-9]+\.")
+
+
+def time_result(arguments: str) -> str:
+    return json.dumps({"city": json.loads(arguments)["city"], "time": "14:05"})
+
+
+def check_answer_text(text: str) -> None:
+    assert TIME_ANSWER.fullmatch(text), text
+    assert not any(m in text for m in TOOL_MARKERS)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_agent_loop_with_the_openai_sdk_on_the_models_own_tool_call(client, streamed):
+    kw = dict(model=DEMO_MODEL_NAME, messages=TIME_QUESTION, tools=AGENT_TOOLS, temperature=0, max_tokens=60)
+    if streamed:
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        calls: dict[int, dict] = {}
+        for c in chunks:
+            for d in c.choices[0].delta.tool_calls or []:
+                entry = calls.setdefault(d.index, {"id": d.id, "name": d.function.name, "arguments": ""})
+                entry["arguments"] += d.function.arguments or ""
+        ((call_id, name, arguments),) = [(v["id"], v["name"], v["arguments"]) for v in calls.values()]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        (finish,) = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+        assistant = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}],
+        }
+    else:
+        choice = client.chat.completions.create(**kw).choices[0]
+        (call,) = choice.message.tool_calls
+        call_id, name, arguments = call.id, call.function.name, call.function.arguments
+        content, finish = choice.message.content or "", choice.finish_reason
+        assert choice.message.content is None
+        assistant = choice.message.model_dump(exclude_none=True)
+    assert finish == "tool_calls" and not content
+    assert name == "get_time" and call_id == "functions.get_time:0"
+    assert set(json.loads(arguments)) == {"city"}
+
+    messages = [*TIME_QUESTION, assistant, {"role": "tool", "tool_call_id": call_id, "content": time_result(arguments)}]
+    kw["messages"] = messages
+    if streamed:
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        assert not any(c.choices[0].delta.tool_calls for c in chunks)
+        (finish,) = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+    else:
+        answer = client.chat.completions.create(**kw).choices[0]
+        assert answer.message.tool_calls is None
+        text, finish = answer.message.content, answer.finish_reason
+    assert finish == "stop"
+    check_answer_text(text)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_agent_loop_with_the_anthropic_sdk_on_the_models_own_tool_use(cluster, streamed):
+    claude = anthropic.Anthropic(base_url=cluster.api, api_key="none", max_retries=0, timeout=120)
+    tools = [
+        {
+            "name": t["function"]["name"],
+            "description": t["function"]["description"],
+            "input_schema": t["function"]["parameters"],
+        }
+        for t in AGENT_TOOLS
+    ]
+    kw = dict(model=DEMO_MODEL_NAME, max_tokens=60, messages=TIME_QUESTION, tools=tools, extra_body={"temperature": 0})
+    if streamed:
+        with claude.messages.stream(**kw) as s:
+            first = s.get_final_message()
+    else:
+        first = claude.messages.create(**kw)
+    assert first.stop_reason == "tool_use" and [b.type for b in first.content] == ["tool_use"]
+    (use,) = first.content
+    assert use.name == "get_time" and set(use.input) == {"city"}
+
+    kw["messages"] = [
+        *TIME_QUESTION,
+        {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": use.id, "content": time_result(json.dumps(use.input))}],
+        },
+    ]
+    if streamed:
+        with claude.messages.stream(**kw) as s:
+            answer = s.get_final_message()
+    else:
+        answer = claude.messages.create(**kw)
+    assert answer.stop_reason == "end_turn" and [b.type for b in answer.content] == ["text"]
+    check_answer_text(answer.content[0].text)
+
+
+def test_agent_loop_with_langchain_bind_tools_on_the_models_own_tool_call(cluster):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    llm = langchain_openai.ChatOpenAI(
+        model=DEMO_MODEL_NAME, base_url=cluster.api + "/v1", api_key="none", max_retries=0, temperature=0, max_tokens=60
+    )
+    agent = llm.bind_tools(AGENT_TOOLS)
+    question = HumanMessage(TIME_QUESTION[0]["content"])
+    first = agent.invoke([question])
+    (call,) = first.tool_calls
+    assert call["name"] == "get_time" and set(call["args"]) == {"city"} and not first.content
+    result = ToolMessage(time_result(json.dumps(call["args"])), tool_call_id=call["id"])
+    answer = agent.invoke([question, first, result])
+    assert not answer.tool_calls
+    check_answer_text(answer.content)
 
 
 def test_kimi_demo_streams_a_readable_answer_from_two_workers(tmp_path):
