@@ -343,6 +343,8 @@ class ShardLoader:
 
     def __init__(self, model_dir: str | Path, start: int, end: int, *, dtype: str = "auto"):
         self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise ShardError(f"model directory {self.model_dir} does not exist; is [model] path right?")
         try:
             self.config = load_config(self.model_dir)
         except FileNotFoundError:
