@@ -150,6 +150,10 @@ class RuntimeConfig:
     # macOS: memory MLX may wire for a worker's weights. < 0: the GPU's
     # recommended working set (mx.device_info()); 0: leave MLX's default.
     wired_limit_gb: float = -1.0
+    # Each stage keeps finished requests' states for new requests that start
+    # with the same tokens, within this budget; < 0: half of what the plan
+    # leaves free on the stage's worker; 0: off.
+    prefix_cache_gb: float = -1.0
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,7 @@ RUNTIME_RANGES: dict[str, tuple] = {
     "cache_limit_gb": (None, None),  # < 0: MLX's default
     "stream_interval_ms": (0, MAX_STREAM_INTERVAL_MS),
     "wired_limit_gb": (None, None),  # < 0: the device's recommended working set
+    "prefix_cache_gb": (None, None),  # < 0: from the plan's free memory
 }
 PLAN_RANGES: dict[str, tuple] = {"memory_fraction": ((0,), 1), "runtime_margin_gb": (0, None)}
 WORKER_RANGES: dict[str, tuple] = {

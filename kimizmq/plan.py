@@ -50,6 +50,7 @@ from .checkpoint import (
 from .config import Config, ConfigError, WorkerConfig, load_config
 
 GIB = 1 << 30
+AUTO_PREFIX_FRACTION = 0.5  # of a stage's free memory the prefix cache takes unless runtime.prefix_cache_gb says
 RUNTIME_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 WIRED_LIMIT_HINT = (
     "macOS lets the GPU wire only about 75% of RAM by default; to use more, run "
@@ -75,8 +76,15 @@ class StageAssignment:
     start: int  # first layer
     end: int  # one past the last layer
     weight_bytes: int
-    reserved_bytes: int  # KV caches + runtime margin
+    reserved_bytes: int  # KV caches + runtime margin + the prefix cache's budget
     memory_bytes: int  # usable: memory_fraction x min(memory_gb, max_memory_gb)
+    prefix_cache_bytes: int = 0  # of reserved_bytes: finished requests' states kept for reuse
+
+    @property
+    def load_reserve_bytes(self) -> int:
+        """What the stage needs beside its weights the moment it loads: the
+        prefix cache fills only as requests finish."""
+        return self.reserved_bytes - self.prefix_cache_bytes
 
     @property
     def num_layers(self) -> int:
@@ -124,6 +132,7 @@ class Plan:
                     "end": s.end,
                     "weight_bytes": s.weight_bytes,
                     "reserved_bytes": s.reserved_bytes,
+                    "prefix_cache_bytes": s.prefix_cache_bytes,
                     "memory_bytes": s.memory_bytes,
                 }
                 for s in self.stages
@@ -304,6 +313,10 @@ def make_plan(
     ):
         reserve.append(reserve[-1] + b)
     margin = int(config.plan.runtime_margin_gb * GIB)
+    # An explicit prefix cache budget must fit like the margin; the automatic
+    # one takes part of what the placement leaves free.
+    prefix_budget = int(rt.prefix_cache_gb * GIB) if rt.prefix_cache_gb >= 0 else None
+    fixed_reserve = margin + (prefix_budget or 0)
     usable = [_usable_bytes(config, w) for w in workers]
     for w, u in zip(workers, usable):
         if u <= margin:
@@ -327,7 +340,7 @@ def make_plan(
         return total
 
     def memory_score(i: int, j: int, k: int) -> float:
-        return (weights(j, k) + reserve[k] - reserve[j]) / (usable[i] - margin)
+        return (weights(j, k) + reserve[k] - reserve[j]) / max(usable[i] - fixed_reserve, 1)
 
     def bandwidth_score(i: int, j: int, k: int) -> float:
         if memory_score(i, j, k) > 1:
@@ -341,17 +354,25 @@ def make_plan(
     if bounds is None:  # memory balance, or the closest miss to report
         bounds = _split(n, fixed, memory_score)
 
-    stages = [
-        StageAssignment(
-            worker=w.name,
-            start=j,
-            end=k,
-            weight_bytes=weights(j, k),
-            reserved_bytes=reserve[k] - reserve[j] + margin,
-            memory_bytes=u,
+    def prefix_bytes(u: int, j: int, k: int) -> int:
+        if prefix_budget is not None:
+            return prefix_budget
+        return max(0, int(AUTO_PREFIX_FRACTION * (u - weights(j, k) - (reserve[k] - reserve[j]) - margin)))
+
+    stages = []
+    for w, u, j, k in zip(workers, usable, bounds, bounds[1:]):
+        prefix_cache = prefix_bytes(u, j, k)
+        stages.append(
+            StageAssignment(
+                worker=w.name,
+                start=j,
+                end=k,
+                weight_bytes=weights(j, k),
+                reserved_bytes=reserve[k] - reserve[j] + margin + prefix_cache,
+                memory_bytes=u,
+                prefix_cache_bytes=prefix_cache,
+            )
         )
-        for w, u, j, k in zip(workers, usable, bounds, bounds[1:])
-    ]
     plan = Plan(
         stages=stages,
         total_weight_bytes=sum(s.weight_bytes for s in stages),
@@ -464,12 +485,22 @@ def format_plan(plan: Plan, cfg: Config, model_config: dict) -> str:
         f"sizes:    {source}",
         (
             f"balance:  {plan.balance}; usable = {cfg.plan.memory_fraction:.0%} of memory; "
-            f"reserved = {reserved} + {cfg.plan.runtime_margin_gb:g} GiB margin"
+            f"reserved = {reserved} + {cfg.plan.runtime_margin_gb:g} GiB margin + prefix cache"
         ),
+        f"prefix cache: {_prefix_phrase(plan, rt.prefix_cache_gb)}",
     ]
     power = 30 if unit == "GiB" else 20
     units = f"sizes in {unit} (2^{power} bytes); memory_gb is read as GiB"
     return "\n".join([*header, "", units, *table])
+
+
+def _prefix_phrase(plan: Plan, setting: float) -> str:
+    sizes = ", ".join(f"{s.worker} {format_gib(s.prefix_cache_bytes)}" for s in plan.stages)
+    if setting == 0:
+        return "off ([runtime] prefix_cache_gb = 0)"
+    if setting > 0:
+        return f"{sizes} ([runtime] prefix_cache_gb)"
+    return f"{sizes} (half of each stage's free memory; set [runtime] prefix_cache_gb to choose)"
 
 
 @click.command("plan")

@@ -23,7 +23,7 @@ import msgpack
 import numpy as np
 import zmq
 
-PROTOCOL_VERSION = 2  # 2: `tokens` carries a run of sampled tokens (was `token`, one)
+PROTOCOL_VERSION = 3  # 2: `tokens` carries a run of sampled tokens; 3: the prefix cache (`prefix`, `keep`, `drop`, `kept`)
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_TENSOR_BYTES = 1 << 30
 MAX_ID_CHARS = 128
@@ -44,8 +44,8 @@ _FLOATS = ("float32", "float16", "bfloat16")
 _ENVELOPE = frozenset({"v", "kind", "tensors"})
 # Rules for a field of this name in every kind. Ids may be "": a worker replies
 # with id "" to a command it could not read.
-_ID_FIELDS = frozenset({"req", "id", "cmd"})  # at most MAX_ID_CHARS
-_COUNT_FIELDS = frozenset({"seq", "offset", "stop_at"})  # non-negative
+_ID_FIELDS = frozenset({"req", "id", "cmd", "keep", "entry", "worker", "code"})  # at most MAX_ID_CHARS
+_COUNT_FIELDS = frozenset({"seq", "offset", "stop_at", "length", "bytes"})  # non-negative
 _ID_LIST_FIELDS = frozenset({"eos", "tokens"})  # lists of non-negative ints, at most MAX_ID_LIST
 MAX_ID_LIST = 64  # also the most tokens one `tokens` message carries
 
@@ -98,14 +98,21 @@ SCHEMAS: dict[str, Schema] = {
         # The last stage feeds its sampled token straight back to the first
         # stage until the sequence is `stop_at` tokens long or a token in `eos`
         # comes out; without `stop_at` it only samples.
-        {"stop_at": int, "eos": list},
+        # `prefix` ({"entry", "length"}): the request's first message starts at
+        # `offset` == length from the prefix cache's entry (its first `length` tokens).
+        {"stop_at": int, "eos": list, "prefix": dict},
         # The hidden state (or token ids), then for a model with attention
         # residuals (Kimi K3) the residual blocks that cross the boundary too.
         tensors=1,
         check_tensor=_forward_tensor,
         max_tensors=2,
     ),
-    "release": Schema({"req": str}),
+    # `keep`: the prefix cache keeps the request's state under this entry id.
+    "release": Schema({"req": str}, {"keep": str}),
+    # The prefix cache's entries every stage forgets (`all`: every one it holds).
+    "drop": Schema({}, {"entries": list, "all": bool}),
+    # A stage kept (length > 0) or could not keep (length 0) a prefix entry.
+    "kept": Schema({"entry": str, "worker": str, "length": int, "bytes": int, "trimmable": bool}),
     # The last stage's sampled tokens for the coordinator, a run of them in
     # sampling order (the stage gathers them for `stream_interval_ms`): `seq`
     # is the first one's, `logprobs` and `top_logprobs` have one entry per token.
@@ -113,7 +120,8 @@ SCHEMAS: dict[str, Schema] = {
         {"req": str, "seq": int, "tokens": list, "logprobs": list},
         {"top_logprobs": list},
     ),
-    "error": Schema({"req": str, "message": str}),
+    # `code` "prefix_missing": a stage lacks the prefix entry the request named.
+    "error": Schema({"req": str, "message": str}, {"code": str}),
     # control plane
     # `versions` (kimizmq.versions): the sender's protocol, kimizmq and MLX versions.
     "command": Schema({"cmd": str, "id": str}, {"args": dict, "versions": dict}),
@@ -191,6 +199,33 @@ def check_tokens(header: dict, vocab_size: int) -> None:
     lps = [*logprobs, *(p[1] for p in pairs)]
     if not all(_type_ok(lp, float) and not math.isnan(lp) and lp != math.inf for lp in lps):
         raise WireError("tokens: a logprob is not a number, or NaN or +inf")
+
+
+MAX_DROP = 1024  # entries one `drop` names
+
+
+def check_prefix(header: dict) -> tuple[str, int] | None:
+    """A decoded `forward` message's prefix (entry id, length), or None; the
+    length must be the message's offset."""
+    prefix = header.get("prefix")
+    if prefix is None:
+        return None
+    entry, length = prefix.get("entry"), prefix.get("length")
+    if set(prefix) != {"entry", "length"} or not isinstance(entry, str) or not 0 < len(entry) <= MAX_ID_CHARS:
+        raise WireError("forward: prefix must be {entry: id, length: int}")
+    if not _type_ok(length, int) or length <= 0 or length != header["offset"]:
+        raise WireError(f"forward: prefix length must be the message's offset {header['offset']} (> 0), got {length!r}")
+    return entry, length
+
+
+def check_drop(header: dict) -> list[str] | None:
+    """A decoded `drop` message's entry ids, or None for all of them."""
+    if header.get("all"):
+        return None
+    entries = header.get("entries", [])
+    if len(entries) > MAX_DROP or not all(isinstance(e, str) and 0 < len(e) <= MAX_ID_CHARS for e in entries):
+        raise WireError(f"drop: entries must be a list of at most {MAX_DROP} entry ids")
+    return entries
 
 
 def _schema(kind: object) -> Schema:
