@@ -33,6 +33,7 @@ STAGE_KEYS = {
     "end",
     "weight_bytes",
     "reserved_bytes",
+    "prefix_cache_bytes",
     "memory_bytes",
 }
 
@@ -381,7 +382,7 @@ def test_memory_balance_splits_in_proportion_and_reserves_kv_per_layer(tmp_path)
     )
     assert spans(plan) == [("a", 0, 14), ("b", 14, 20)]  # 23 : 11 GiB after margins
     kv_layer = 2 * 8 * 128 * 2 * 1024 * 4
-    assert [s.reserved_bytes for s in plan.stages] == [
+    assert [s.reserved_bytes - s.prefix_cache_bytes for s in plan.stages] == [
         14 * kv_layer + GIB,
         6 * kv_layer + GIB,
     ]
@@ -392,6 +393,28 @@ def test_memory_balance_splits_in_proportion_and_reserves_kv_per_layer(tmp_path)
         plan="runtime_margin_gb = 1.0",
         runtime="max_context = 1024\nmax_concurrent = 4",
     )
+
+
+def test_the_prefix_cache_budget_is_part_of_each_stage_reserve(tmp_path):
+    def plan_with(setting: str):
+        return uniform_plan(
+            tmp_path,
+            {"a": 32, "b": 16},
+            plan="runtime_margin_gb = 1.0",
+            runtime=f"max_context = 1024\nmax_concurrent = 4\n{setting}",
+        )
+
+    auto = plan_with("")
+    for s in auto.stages:  # half of what the stage would have free without it
+        assert s.prefix_cache_bytes > 0
+        assert abs(s.prefix_cache_bytes - (s.free_bytes + s.prefix_cache_bytes) / 2) <= 1
+        assert s.load_reserve_bytes == s.reserved_bytes - s.prefix_cache_bytes
+    explicit = plan_with("prefix_cache_gb = 4")
+    assert [s.prefix_cache_bytes for s in explicit.stages] == [4 * GIB, 4 * GIB]
+    assert explicit.fits
+    assert [s.prefix_cache_bytes for s in plan_with("prefix_cache_gb = 0").stages] == [0, 0]
+    with pytest.raises(PlanError, match="does not fit"):
+        plan_with("prefix_cache_gb = 14")  # b may use 12 GiB in all
 
 
 def test_every_worker_gets_a_layer(tmp_path):
