@@ -160,7 +160,11 @@ class PrefixIndex:
         found = self.trie.search(_TRIE_MODEL, tokens)
         limit = len(tokens) - 1
         best: Hit | None = None
-        candidates = [(found.exact, limit), (found.shorter, len(found.shorter or ())), (found.longer, found.common_prefix)]
+        candidates = [
+            (found.exact, limit),
+            (found.shorter, len(found.shorter or ())),
+            (found.longer, found.common_prefix),
+        ]
         for path, shared in candidates:
             if not path:
                 continue

@@ -19,6 +19,7 @@ from kimizmq.testmodel import KIMI_K2_GEOMETRY, make_test_model
 
 from .driver import kimizmq_rows
 from .machine import describe_device
+from .multiturn import format_turns, turn_rows
 from .reference import mlx_lm_rows
 from .report import fill_pipeline_hops, report
 from .rows import DEFAULT_SYSTEMS, NO_CHUNK, SYSTEM_TIMEOUT_S, SYSTEMS, BenchConfig, Row, Rows
@@ -113,10 +114,16 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--out", "out_dir", default=DEFAULT_OUT, show_default=True, type=click.Path(file_okay=False))
 @click.option("--name", help="file name stem for the JSON and PNG (default: model, device, time)")
 @click.option("--no-plot", is_flag=True, help="no PNG")
+@click.option(
+    "--multi-turn",
+    is_flag=True,
+    help="only the multi-turn row: an 8-turn conversation, kimizmq with and without its prefix cache and mlx-lm's prompt cache",
+)
 @click.option("--replot", type=click.Path(dir_okay=False, exists=True), help="print and draw an earlier JSON; no run")
 def bench_command(
     model_dir, kimi_geometry, layers, models_dir, quick, systems, decode_tokens, aggregate_tokens, concurrency_text, prompts_text,
-    nochunk_prompt, prefill_chunk, decode, stream_interval_ms, gpus, pin, system_timeout, out_dir, name, no_plot, replot,
+    nochunk_prompt, prefill_chunk, decode, stream_interval_ms, gpus, pin, system_timeout, out_dir, name, no_plot,
+    multi_turn, replot,
 ):  # fmt: skip
     """Measure kimizmq (1, 2, 3 stages on loopback) against single-process mlx-lm and
     mlx-lm's own pipeline: decode tokens/s, aggregate tokens/s under concurrency,
@@ -172,14 +179,24 @@ def bench_command(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bc.work = Path(tempfile.mkdtemp(prefix="work-", dir=out.resolve()))
-    stem = name or f"bench-{model.name}-{'gpu' if gpu else 'cpu'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    kind = "turns-" if multi_turn else ""
+    stem = name or f"bench-{kind}{model.name}-{'gpu' if gpu else 'cpu'}-{time.strftime('%Y%m%d-%H%M%S')}"
     json_path = out / f"{stem}.json"
 
     def save(rows: list[Row]) -> None:
         json_path.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
 
-    click.echo(f"[bench] {label} on {device}; systems: {', '.join(chosen)}; pinned: {bc.pin}", err=True)
     t0 = time.monotonic()
+    if multi_turn:
+        click.echo(f"[bench] {label} on {device}: the multi-turn conversation", err=True)
+        rows = turn_rows(bc)
+        save(rows)
+        shutil.rmtree(bc.work, ignore_errors=True)
+        click.echo(f"[bench] done in {time.monotonic() - t0:.0f} s\n", err=True)
+        click.echo(format_turns(rows))
+        click.echo(f"\nrows: {json_path}")
+        return
+    click.echo(f"[bench] {label} on {device}; systems: {', '.join(chosen)}; pinned: {bc.pin}", err=True)
     rows = run_bench(bc, save)
     shutil.rmtree(bc.work, ignore_errors=True)
     click.echo(f"[bench] done in {time.monotonic() - t0:.0f} s\n", err=True)

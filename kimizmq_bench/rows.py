@@ -44,7 +44,7 @@ class Row:
     stages: int
     concurrency: int
     prompt_tokens: int
-    metric: str  # decode | aggregate | ttft | error
+    metric: str  # decode | aggregate | ttft | turn_ttft | error
     decode_tps: float | None = None
     aggregate_tps: float | None = None
     ttft_s: float | None = None
@@ -63,6 +63,8 @@ class Row:
     load_avg: float | None = None  # the machine's 1-minute load average when measured: others' work skews CPU rows
     decode_graph: str = ""  # kimizmq: its stages' one-token steps, "compiled" or "eager" (runtime.decode)
     stream_interval_ms: float | None = None  # kimizmq: runtime.stream_interval_ms (tokens gathered into runs)
+    turn: int | None = None  # turn_ttft: the turn of the conversation, from 1
+    cached_tokens: int | None = None  # turn_ttft: prompt tokens the system took from its cache
     error: str | None = None
 
     @classmethod
