@@ -19,6 +19,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from .checkpoint import text_config
 from .logits import LogitsProcessor, ParamsError, make_processors, replayed_tokens
+from .prefixcache import Kept, PrefixMissing, PrefixStore
 from .shard import Shard
 
 MAX_TOP_LOGPROBS = 20
@@ -26,7 +27,12 @@ _MASK64 = (1 << 64) - 1
 
 
 class StageError(ValueError):
-    """A forward request this stage cannot run; sent back to the coordinator."""
+    """A forward request this stage cannot run; sent back to the coordinator.
+    `code` names a kind of error the coordinator acts on ("prefix_missing")."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,7 @@ class Step:
     sample: bool
     params: dict
     extra: tuple[mx.array, ...] = ()  # the message's other tensors: attention-residual blocks
+    prefix: tuple[str, int] | None = None  # a new request's start: (prefix cache entry, its tokens to use)
 
 
 @dataclass
@@ -185,6 +192,7 @@ class Stage:
         max_context: int,
         compiled_decode: bool = False,
         model_dir: Path | None = None,  # where a grammar's tokenizer is read from
+        prefix_cache_bytes: int = 0,
     ):
         self.shard = shard
         self.model_dir = model_dir
@@ -193,6 +201,7 @@ class Stage:
         self.max_requests = max_requests
         self.max_context = max_context
         self.requests: dict[str, RequestState] = {}
+        self.prefix = PrefixStore(prefix_cache_bytes)  # finished requests' states, by the coordinator's entry id
         self.kept: dict[frozenset[str], KeptBatch] = {}  # by the set of requests
         self.compute_s = 0.0
         self.decode_s = 0.0  # of compute_s, in passes of one token per request
@@ -241,11 +250,11 @@ class Stage:
         self.check_input(step.x, step.extra)
         state = self.requests.get(step.req)
         if state is None:
-            if step.offset != 0:
+            if step.offset != (step.prefix[1] if step.prefix else 0):
                 raise StageError(f"unknown request {step.req} at offset {step.offset} (released or never started)")
             if len(self.requests) >= self.max_requests:
                 raise StageError(f"stage is full: {self.max_requests} requests in flight")
-            state = RequestState(self.shard.make_cache(), SamplingParams.from_dict(step.params))
+            state = RequestState(self._start_state(step), SamplingParams.from_dict(step.params), offset=step.offset)
             if self.shard.last:
                 try:
                     vocab = text_config(self.shard.config)["vocab_size"]
@@ -261,6 +270,17 @@ class Stage:
                 f"request {step.req}: {step.offset + step.x.shape[1]} tokens exceed max_context {self.max_context}"
             )
         return state
+
+    def _start_state(self, step: Step) -> list:
+        """A new request's state: empty, or the prefix cache's entry it names."""
+        if step.prefix is None:
+            return self.shard.make_cache()
+        try:
+            return self.prefix.take(*step.prefix)
+        except PrefixMissing as e:
+            raise StageError(str(e), code="prefix_missing") from None
+        except ValueError as e:
+            raise StageError(str(e)) from None
 
     def _done(self, state: RequestState, length: int, t0: float) -> None:
         self.compute_s += time.perf_counter() - t0
@@ -383,9 +403,14 @@ class Stage:
             results[k] = by_row[b]
         return results
 
-    def release(self, req: str) -> bool:
+    def release(self, req: str, keep: str | None = None) -> tuple[bool, Kept | None]:
+        """Free a request's state: (whether this stage held it, and where
+        `keep` names a prefix cache entry, what the store kept of it)."""
         self._check_in({req})
-        return self.requests.pop(req, None) is not None
+        state = self.requests.pop(req, None)
+        if state is None or keep is None:
+            return state is not None, None
+        return True, self.prefix.keep(keep, state.cache, state.offset)
 
     def cache_bytes(self) -> int:
         """KV caches and recurrent states held, own and in kept batches."""

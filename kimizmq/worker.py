@@ -713,7 +713,7 @@ class Worker:
             len(self.released) > MAX_TOMBSTONES or now - next(iter(self.released.values())) > TOMBSTONE_S
         ):
             self.released.popitem(last=False)
-        return bool(self.stage and self.stage.release(req))
+        return bool(self.stage and self.stage.release(req)[0])
 
     def _n_layers(self) -> int:
         return text_config(self.stage.shard.config)["num_hidden_layers"] if self.stage else 0
