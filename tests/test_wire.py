@@ -508,3 +508,25 @@ def test_check_tokens_refuses_bad_values(changes, says):
 def test_check_tokens_accepts_a_run_with_top_logprobs():
     wire.check_tokens({**GOOD_RUN, "top_logprobs": [[[3, -0.5], [1, -2.0]], []]}, 100)
     wire.check_tokens(GOOD_RUN, 100)
+
+
+def test_prefix_cache_fields_round_trip_and_are_checked():
+    ids = mx.array([[1, 2, 3]], dtype=mx.int32)
+    msg = decode(encode("forward", {**FORWARD, "offset": 40, "prefix": {"entry": "p1-0", "length": 40}}, [ids]))
+    assert wire.check_prefix(msg.header) == ("p1-0", 40)
+    assert wire.check_prefix(decode(encode("forward", FORWARD, [ids])).header) is None
+    for bad in ({"entry": "p1-0", "length": 39}, {"entry": "", "length": 40}, {"entry": "p", "length": 40, "x": 1}):
+        with pytest.raises(WireError, match="prefix"):
+            wire.check_prefix({**FORWARD, "offset": 40, "prefix": bad})
+    release = decode(encode("release", {"req": "r", "keep": "p1-1"}))
+    assert release.header == {"req": "r", "keep": "p1-1"}
+    assert wire.check_drop(decode(encode("drop", {"all": True})).header) is None
+    assert wire.check_drop(decode(encode("drop", {"entries": ["a", "b"]})).header) == ["a", "b"]
+    with pytest.raises(WireError, match="drop"):
+        wire.check_drop({"entries": [1]})
+    with pytest.raises(WireError, match="drop"):
+        wire.check_drop({"entries": ["e"] * (wire.MAX_DROP + 1)})
+    kept = {"entry": "p1-1", "worker": "w0", "length": 57, "bytes": 1 << 20, "trimmable": True}
+    assert decode(encode("kept", kept)).header == kept
+    with pytest.raises(WireError, match="length"):
+        encode("kept", {**kept, "length": -1})
