@@ -18,8 +18,9 @@ it gone and are dropped. How arriving messages become batches is batching.py;
 reading the shard is shard.py's ShardLoader, which this loop drives.
 
 The loop reads top to bottom: poll with a timeout, answer a command, apply
-releases, run the waiting data messages, read one more module of a load in
-progress, repeat: loading shares the loop (and its thread, as MLX wants).
+releases, run the waiting data messages, send the runs of tokens that are
+due, read one more module of a load in progress, evict requests idle too
+long, repeat: loading shares the loop (and its thread, as MLX wants).
 
 Busy is not dead: the control socket is served by a thread of its own, which
 answers `ping` and `health` at once, whatever the main loop computes (MLX
@@ -465,6 +466,8 @@ class Worker:
             self.loader = None
 
     def _load(self, spec: LoadSpec) -> Generator[None, None, None]:
+        """Drive a ShardLoader, a module per loop round, after checking the
+        memory its size needs; then serve the shard as this worker's stage."""
         model_dir = self.cfg.model_path
         t0 = time.monotonic()
         try:
