@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import IO
@@ -82,6 +83,23 @@ def _request_id_default(_, __, event_dict: dict) -> dict:
 
 def log_path(log_dir: Path, daemon: str) -> Path:
     return log_dir / f"{daemon}.jsonl"
+
+
+def read_lines(path: Path, offset: int, most: int) -> dict:
+    """Complete lines of the log at `path` from byte `offset` on, at most
+    `most` bytes of them (one longer line comes cut): {data, offset (where
+    the next read starts), size, reset (the file was replaced: read from 0)}."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            reset = offset > size
+            f.seek(0 if reset else offset)
+            chunk = f.read(most)
+    except FileNotFoundError:
+        return {"data": "", "offset": 0, "size": 0, "reset": offset > 0}
+    complete = chunk[: chunk.rfind(b"\n") + 1] or (chunk if len(chunk) == most else b"")
+    start = 0 if reset else offset
+    return {"data": complete.decode("utf-8", "replace"), "offset": start + len(complete), "size": size, "reset": reset}
 
 
 def configure(daemon: str, log_dir: Path | None, *, verbose: bool = False) -> Path | None:

@@ -22,7 +22,15 @@ from mlx_lm.models.kimi_k3 import KimiK3TextModel, ResidualBlocks, _attn_res_mix
 from mlx_lm.utils import _get_classes, _takes_global_scale, infer_quant_config, load_config
 
 from . import qmm
-from .checkpoint import CheckpointError, mlx_quantization, stage_tensor_names, tensor_index, text_config
+from .checkpoint import (
+    CheckpointError,
+    check_layer_count,
+    loaded_nbytes,
+    mlx_quantization,
+    stage_tensor_names,
+    tensor_index,
+    text_config,
+)
 from .config import DECODE_MODES
 
 GPU_DECODE_EVAL_EVERY = 2  # compiled segments per async_eval in Shard.decode on a GPU (decode_eval_every)
@@ -334,8 +342,10 @@ class ShardLoader:
     """Layers [start, end) of the checkpoint at `model_dir`, read a module at a time.
 
     Making one reads only config.json and the safetensors headers, so `index`
-    (every tensor of the checkpoint), `names` (the shard's) and `nbytes` (its
-    weight bytes on disk) are known before a tensor is read. Iterating reads
+    (every tensor of the checkpoint), `names` (the shard's), `nbytes` (its
+    weight bytes on disk) and `loaded_bytes` (the memory they take once
+    loaded) are known, and a checkpoint with more layers than its config says
+    is refused, before a tensor is read. Iterating reads
     the shard, yielding (done_bytes, total_bytes) after each module, and leaves
     it in `shard`. A daemon iterates on its own loop's thread between messages:
     MLX arrays and streams belong to the thread that made them (on CUDA,
@@ -355,8 +365,14 @@ class ShardLoader:
         self.start, self.end, self.dtype = start, end, dtype
         self.first, self.last = start == 0, end == n_layers
         self.index = index = tensor_index(self.model_dir)
+        try:
+            check_layer_count(index, text_config(self.config), self.model_dir)
+        except CheckpointError as e:
+            raise ShardError(str(e)) from None
         self.names = names = stage_tensor_names(index, start, end, first=self.first, last=self.last)
         self.nbytes = sum(index[n].nbytes for n in names)
+        # FP8 counts as bfloat16: the memory the loaded shard takes, not its bytes on disk
+        self.loaded_bytes = sum(loaded_nbytes(n, index[n], index) for n in names)
         self._by_file: dict[Path, list[str]] = {}
         for n in names:
             self._by_file.setdefault(Path(index[n].file), []).append(n)

@@ -213,10 +213,20 @@ class Stage:
         self.kept_batch_steps = 0  # batched decode passes that found their batch kept
         self.tokens_in = 0
 
+    @property
+    def first(self) -> bool:
+        """Whether this stage takes token ids (it holds layer 0)."""
+        return self.shard.first
+
+    @property
+    def last(self) -> bool:
+        """Whether this stage samples (it holds the model's last layer)."""
+        return self.shard.last
+
     def check_input(self, x: mx.array, extra: tuple[mx.array, ...] = ()) -> None:
         """Shapes and dtypes a peer sent, checked before they reach MLX."""
         config = text_config(self.shard.config)
-        if self.shard.first:
+        if self.first:
             if x.ndim != 2 or x.shape[0] != 1 or x.dtype != mx.int32:
                 raise StageError(f"first stage expects int32 token ids of shape (1, L), got {x.dtype} {x.shape}")
             vocab = config.get("vocab_size")
@@ -233,7 +243,7 @@ class Stage:
         if len(extra) != (1 if blocks else 0):
             raise StageError(
                 f"this stage takes {1 if blocks else 0} tensor(s) beside the "
-                f"{'activations' if not self.shard.first else 'token ids'}, got {len(extra)}"
+                f"{'activations' if not self.first else 'token ids'}, got {len(extra)}"
             )
         if blocks:
             want = (blocks, 1, x.shape[1], x.shape[2])
@@ -255,7 +265,7 @@ class Stage:
             if len(self.requests) >= self.max_requests:
                 raise StageError(f"stage is full: {self.max_requests} requests in flight")
             state = RequestState(self._start_state(step), SamplingParams.from_dict(step.params), offset=step.offset)
-            if self.shard.last:
+            if self.last:
                 try:
                     vocab = text_config(self.shard.config)["vocab_size"]
                     state.processors = make_processors(step.params, vocab, self.model_dir)
@@ -305,11 +315,11 @@ class Stage:
         else:
             out, *extra = self.shard.forward([step.x, *step.extra], state.cache, head=step.sample)
         built = time.perf_counter()
-        if self.shard.last and step.sample:
+        if self.last and step.sample:
             result = sample(out[:, -1, :], state, step.offset + length)
         else:
             mx.eval(out, *extra)  # also settles this chunk's cache updates
-            result = ForwardResult() if self.shard.last else ForwardResult(out, tuple(extra))
+            result = ForwardResult() if self.last else ForwardResult(out, tuple(extra))
         self.forwards += 1
         if length == 1:
             self.decode_s += time.perf_counter() - t0
@@ -332,7 +342,7 @@ class Stage:
             except StageError as e:
                 results[i] = e
                 continue
-            if step.sample or not self.shard.last:
+            if step.sample or not self.last:
                 groups.setdefault(step.x.shape[1], []).append((i, state))
             else:
                 results[i] = self._run(step, state)
@@ -370,7 +380,7 @@ class Stage:
             inputs = [x, *(mx.concatenate(parts, axis=1) for parts in zip(*(s.extra for s in rows)))]
             out, *extra = self.shard.forward(inputs, caches, head=True)
         built = time.perf_counter()
-        if self.shard.last:
+        if self.last:
             lazy = [
                 _sample_lazy(out[b : b + 1, -1, :], st, step.offset + length)
                 for b, (step, st) in enumerate(zip(rows, row_states))

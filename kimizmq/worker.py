@@ -11,18 +11,16 @@ Sockets (created and configured in `Worker.__init__` and `Worker._connect`):
                           stage keeps it in process)
   report   PUSH  connect  errors for the coordinator, from any stage
 
-Decode runs around the ring without the coordinator: the last stage samples,
-sends the token to stage 0 and, after that, to the coordinator, until the
-forward's `stop_at` length or one of its `eos` tokens. The coordinator only
-streams text, and ends a request early (stop string, client gone) by
-releasing it: steps still on the ring then find it gone and are dropped.
-Tokens for the coordinator go as runs: a request's first and last token at
-once, the others gathered for `runtime.stream_interval_ms` (fewer wake-ups for
-the coordinator and the client when tokens come faster than anyone reads).
+Decode runs around the ring without the coordinator (the last stage's end is
+tokenring.py). The coordinator only streams text, and ends a request early
+(stop string, client gone) by releasing it: steps still on the ring then find
+it gone and are dropped. How arriving messages become batches is batching.py;
+reading the shard is shard.py's ShardLoader, which this loop drives.
 
 The loop reads top to bottom: poll with a timeout, answer a command, apply
-releases, run the waiting data messages, read one more module of a load in
-progress, repeat: loading shares the loop (and its thread, as MLX wants).
+releases, run the waiting data messages, send the runs of tokens that are
+due, read one more module of a load in progress, evict requests idle too
+long, repeat: loading shares the loop (and its thread, as MLX wants).
 
 Busy is not dead: the control socket is served by a thread of its own, which
 answers `ping` and `health` at once, whatever the main loop computes (MLX
@@ -42,37 +40,29 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Generator
-from dataclasses import dataclass, field
 
 import click
 import mlx.core as mx
 import zmq
 
 from . import log, security, versions, wire, wired
-from .checkpoint import (
-    CheckpointError,
-    check_layer_count,
-    loaded_nbytes,
-    text_config,
-)
+from .batching import MAX_BATCH, PARTNER_WAIT_S, admit, micro_batches, partners_missing
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError, WorkerConfig, load_config
 from .control import keep_alive
+from .loadspec import LoadSpec
 from .memory import available_memory_bytes, check_stage_memory
 from .plan import StageAssignment
 from .shard import ShardError, ShardLoader, compiled_decode
-from .stage import ForwardResult, Stage, StageError, Step
+from .stage import Stage, StageError, Step
+from .tokenring import TOKEN_HWM, TokenRing
 from .versions import version_option
 
 POLL_MS = 100
-MAX_BATCH = 16  # data messages taken per loop round
-PARTNER_WAIT_S = 0.002  # how long a stage waits for the rest of a kept batch's decode steps
-MAX_STAGES = 1024  # a load's `stages` (Kimi-K2 has 61 layers)
 EVICT_SWEEP_S = 5.0  # how often idle requests are looked for
 LOG_CHUNK_BYTES = 48 * 1024  # of log per `logs` reply: a reply header stays under 64 KiB
 SEND_TIMEOUT_MS = 5000
 DATA_HWM = 64
-TOKEN_HWM = 1024  # tokens queued for a coordinator that does not read before a ring stops
-LOAD_MARGIN_BYTES = 1 << 30  # beyond the shard's own bytes when the load names no reserve
 # Released, cancelled and finished ids are tombstoned, so anything still on its
 # way for them is dropped at any offset: for TOMBSTONE_S at least (far longer
 # than a message stays queued), and at most MAX_TOMBSTONES of them.
@@ -83,80 +73,6 @@ COMMANDS_ADDRESS = "inproc://commands"
 THREAD_COMMANDS = ("ping", "health")  # answered by the control thread, even mid-step
 
 logger = log.get_logger()
-
-
-@dataclass
-class TokenRun:
-    """Last stage: a request's sampled tokens not yet sent to the coordinator."""
-
-    seq: int  # the first one's
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list] | None = None
-
-    def add(self, result: ForwardResult) -> None:
-        self.tokens.append(result.token)
-        self.logprobs.append(result.logprob)
-        if result.top_logprobs is not None:
-            if self.top_logprobs is None:
-                self.top_logprobs = []
-            self.top_logprobs.append(result.top_logprobs)
-
-    def message(self, req: str) -> list:
-        out = {"req": req, "seq": self.seq, "tokens": self.tokens, "logprobs": self.logprobs}
-        if self.top_logprobs is not None:
-            out["top_logprobs"] = self.top_logprobs
-        return wire.encode("tokens", out)
-
-
-@dataclass
-class LoadSpec:
-    start: int
-    end: int
-    next_address: str
-    report_address: str
-    first_address: str | None
-    dtype: str
-    max_requests: int
-    max_context: int
-    reserve_bytes: int
-    stages: int  # of the pipeline: the first stage splits waves into this many batches
-
-    @classmethod
-    def from_args(cls, args: dict, cfg: Config) -> LoadSpec:
-        try:
-            spec = cls(
-                start=args["start"],
-                end=args["end"],
-                next_address=args["next"],
-                report_address=args.get("report", cfg.coordinator.result_address),
-                first_address=args.get("first"),
-                dtype=args.get("dtype", cfg.runtime.dtype),
-                max_requests=args.get("max_requests", cfg.runtime.max_concurrent),
-                max_context=args.get("max_context", cfg.runtime.max_context),
-                reserve_bytes=args.get("reserve_bytes", LOAD_MARGIN_BYTES),
-                stages=args.get("stages", 1),
-            )
-        except KeyError as e:
-            raise ValueError(f"load needs {e.args[0]!r}") from None
-        ints = (spec.start, spec.end, spec.max_requests, spec.max_context, spec.reserve_bytes, spec.stages)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
-            raise ValueError("load: start, end, max_requests, max_context and stages must be integers")
-        if not all(isinstance(v, str) for v in (*spec.peers, spec.dtype)):
-            raise ValueError("load: next, report, first and dtype must be strings")
-        if not all(a.startswith("tcp://") for a in spec.peers):
-            raise ValueError("load: next, report and first must be tcp:// addresses")
-        if not 0 <= spec.start < spec.end or spec.max_requests < 1 or spec.max_context < 1:
-            raise ValueError("load: needs 0 <= start < end, max_requests >= 1 and max_context >= 1")
-        if not 1 <= spec.stages <= MAX_STAGES:
-            raise ValueError(f"load: stages must be in 1..{MAX_STAGES}")
-        return spec
-
-    @property
-    def peers(self) -> list[str]:
-        """The addresses this stage sends to."""
-        first = [] if self.first_address is None else [self.first_address]
-        return [self.next_address, self.report_address, *first]
 
 
 class Worker:
@@ -203,9 +119,6 @@ class Worker:
         # What the main loop computes now (read by the control thread): None or
         # {"what", "requests", "offsets", "tokens", "since"}.
         self.doing: dict | None = None
-        self.stream_interval = cfg.runtime.stream_interval_ms / 1e3
-        self.outbox: dict[str, TokenRun] = {}  # last stage: tokens waiting to go out
-        self.sent_at: dict[str, float] = {}  # last stage: when each request's last run went
 
         self.state = "idle"  # idle | loading | ready | error
         self.error: str | None = None
@@ -229,6 +142,7 @@ class Worker:
             "partner_waits": 0,  # rounds that waited for the rest of a kept batch
             "partner_waits_expired": 0,  # of those, the rest did not all come in PARTNER_WAIT_S
         }
+        self.ring = TokenRing(cfg.runtime.stream_interval_ms / 1e3, self.counters, self._send, self._to_first)
         self.running = True
         self._last_sweep = time.monotonic()
         self.cache_limit = None  # MLX's default
@@ -268,7 +182,7 @@ class Worker:
         )
         while self.running:
             busy = self.loader is not None or self.pending
-            events = dict(poller.poll(0 if busy else self._poll_ms()))
+            events = dict(poller.poll(0 if busy else self.ring.poll_ms(POLL_MS)))
             if self.commands in events:
                 envelope, frames = _split_envelope(self.commands.recv_multipart())
                 self.commands.send_multipart(envelope + self.handle_command(frames))
@@ -279,8 +193,7 @@ class Worker:
                     batch += self._drain(batch)
                 batch, self.deferred = self.deferred + batch, []  # the waiting first, in order
                 self.handle_data(*batch)
-            if self.outbox:
-                self._flush_tokens()
+            self.ring.flush()
             if self.loader is not None:
                 self._load_step()
             self._evict_idle()
@@ -350,11 +263,10 @@ class Worker:
         """What is waiting on the data socket, up to MAX_BATCH messages: decode
         steps of different requests that arrive together run as one batch.
 
-        The previous stage sends a batch's steps one message each, back to
-        back; a round that caught only some of them would split the batch
-        (smaller passes, and the kept batched caches merged anew). So while a
-        request here ran its last step in a batch whose other requests are not
-        here yet (nor in `have`), this waits for them, up to PARTNER_WAIT_S."""
+        While a request here ran its last step in a kept batch whose other
+        requests are not here yet (nor in `have`), this waits for them, up to
+        PARTNER_WAIT_S: a round that caught only some would split the batch
+        (smaller passes, and the kept batched caches merged anew)."""
         batch = [_decoded(self.data.recv_multipart(copy=False))]
         deadline = None
         while len(batch) < MAX_BATCH:
@@ -363,7 +275,7 @@ class Worker:
                 continue
             except zmq.Again:
                 pass
-            if not self._partners_missing([*have, *batch]):
+            if not partners_missing(self.stage, [*have, *batch]):
                 break
             if deadline is None:
                 self.counters["partner_waits"] += 1
@@ -373,15 +285,6 @@ class Worker:
                 self.counters["partner_waits_expired"] += 1
                 break
         return batch
-
-    def _partners_missing(self, batch: list) -> bool:
-        """Whether a decode step here ran its last pass in a kept batch some of
-        whose requests have sent nothing here yet."""
-        stage = self.stage
-        if stage is None or not stage.kept:
-            return False
-        here = {m.header["req"] for m in batch if isinstance(m, wire.Message) and m.kind in ("forward", "release")}
-        return any(not key.isdisjoint(here) and not key <= here for key in stage.kept)
 
     # -- control ------------------------------------------------------------------
 
@@ -514,24 +417,7 @@ class Worker:
         offset = args.get("offset", 0)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError("logs: offset must be an integer >= 0")
-        path = log.log_path(self.cfg.log_dir, f"worker-{self.me.name}")
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                reset = offset > size  # the file was replaced: start over
-                f.seek(0 if reset else offset)
-                chunk = f.read(LOG_CHUNK_BYTES)
-        except FileNotFoundError:
-            return {"data": "", "offset": 0, "size": 0, "reset": offset > 0}
-        # Whole lines only, unless one line is longer than a chunk.
-        complete = chunk[: chunk.rfind(b"\n") + 1] or (chunk if len(chunk) == LOG_CHUNK_BYTES else b"")
-        start = 0 if reset else offset
-        return {
-            "data": complete.decode("utf-8", "replace"),
-            "offset": start + len(complete),
-            "size": size,
-            "reset": reset,
-        }
+        return log.read_lines(log.log_path(self.cfg.log_dir, f"worker-{self.me.name}"), offset, LOG_CHUNK_BYTES)
 
     def cmd_shutdown(self, args: dict) -> dict:
         self.running = False
@@ -541,15 +427,14 @@ class Worker:
         self.stage = None
         self.spec = None
         self.pending = []
-        self.outbox.clear()
-        self.sent_at.clear()
+        self.ring.clear()
         self.state = "idle"
         self.progress = {"done_bytes": 0, "total_bytes": 0, "rate_bytes_s": 0.0}
         mx.clear_cache()
 
     def _connect(self, spec: LoadSpec) -> None:
         # A stage that is also the first feeds itself in process: no loop socket.
-        first = spec.first_address if spec.start > 0 else None
+        first = None if spec.first else spec.first_address
         for attr, address in (("next", spec.next_address), ("report", spec.report_address), ("loop", first)):
             sock = getattr(self, attr)
             if sock is not None and self.connected.get(attr) == address:
@@ -571,6 +456,7 @@ class Worker:
             sock.connect(address)
             self.connected[attr] = address
             setattr(self, attr, sock)
+        self.ring.coordinator = self.next  # the last stage's next is the coordinator
 
     def _load_step(self) -> None:
         """Read the next module of a load in progress."""
@@ -580,13 +466,13 @@ class Worker:
             self.loader = None
 
     def _load(self, spec: LoadSpec) -> Generator[None, None, None]:
+        """Drive a ShardLoader, a module per loop round, after checking the
+        memory its size needs; then serve the shard as this worker's stage."""
         model_dir = self.cfg.model_path
         t0 = time.monotonic()
         try:
             loader = ShardLoader(model_dir, spec.start, spec.end, dtype=spec.dtype)  # headers only, so far
-            check_layer_count(loader.index, text_config(loader.config), model_dir)
-            # FP8 counts as bfloat16: the memory the loaded shard takes, not its bytes on disk
-            weights = sum(loaded_nbytes(n, loader.index[n], loader.index) for n in loader.names)
+            weights = loader.loaded_bytes
             stage = StageAssignment(self.me.name, spec.start, spec.end, weights, spec.reserve_bytes, memory_bytes=0)
             check_stage_memory(stage, available_memory_bytes())  # before a byte is read
             if (wired_limit := wired.apply(self.cfg.runtime.wired_limit_gb)) is not None:
@@ -668,33 +554,16 @@ class Worker:
         while queues:
             wave = [q.pop(0) for q in queues.values()]
             queues = {req: q for req, q in queues.items() if q}
-            for part in self._micro_batches(wave):
+            parts = micro_batches(self.stage, wave, self.spec.stages) if self.stage else [wave]
+            self.counters["split_waves"] += len(parts) > 1
+            for part in parts:
                 self._forward(part)
-
-    def _micro_batches(self, forwards: list[wire.Message]) -> list[list[wire.Message]]:
-        """The first stage keeps one batch per stage of the pipeline in flight:
-        a wave larger than (requests in flight / stages) goes on in parts of
-        that size, each sent as soon as it is computed, so the next stage works
-        on one while this one computes the next, where a single batch would
-        leave all stages but one idle (2 stages, 2 CPU cores: aggregate c=8 261
-        vs 241 tok/s, c=16 300 vs 269, means of 4 runs). Later stages take what
-        arrives."""
-        stage = self.stage
-        n = self.spec.stages if self.spec and stage and stage.shard.first else 1
-        if n < 2 or len(forwards) < 2:
-            return [forwards]
-        in_flight = set(stage.requests).union(m.header["req"] for m in forwards)
-        size = -(-len(in_flight) // n)
-        if len(forwards) <= size:
-            return [forwards]
-        self.counters["split_waves"] += 1
-        return [forwards[i : i + size] for i in range(0, len(forwards), size)]
 
     def _release(self, req: str) -> None:
         log.bind_request(req)
         released = self._forget(req)
         logger.info("request_released", had_cache=released)
-        if self.spec and self.spec.end < self._n_layers():
+        if self.stage is not None and not self.stage.last:
             self._send(self.next, wire.encode("release", {"req": req}), "next")
         log.bind_request(None)
 
@@ -704,8 +573,7 @@ class Worker:
         now = time.monotonic()
         self.released.pop(req, None)
         self.released[req] = now
-        self.outbox.pop(req, None)
-        self.sent_at.pop(req, None)
+        self.ring.forget(req)
         self.pending = [m for m in self.pending if m.header["req"] != req]
         self.deferred = [m for m in self.deferred if m.header["req"] != req]
         self.waiting.discard(req)
@@ -715,9 +583,6 @@ class Worker:
             self.released.popitem(last=False)
         return bool(self.stage and self.stage.release(req)[0])
 
-    def _n_layers(self) -> int:
-        return text_config(self.stage.shard.config)["num_hidden_layers"] if self.stage else 0
-
     def _forward(self, msgs: list[wire.Message]) -> None:
         if not msgs:
             return
@@ -726,28 +591,13 @@ class Worker:
             for m in msgs:
                 self._report_error(m.header["req"], f"not ready (state {self.state})")
             return
+        live = [m for m in msgs if m.header["req"] not in self.released]
+        self.counters["dropped_after_release"] += len(msgs) - len(live)  # on their way when the request ended
+        msgs, deferred = admit(stage, live, self.waiting, self.counters)
+        self.deferred += deferred
         steps = []
-        live = []
-        room = stage.max_requests - len(stage.requests)
         for m in msgs:
             h = m.header
-            if h["req"] in self.released:
-                self.counters["dropped_after_release"] += 1  # on its way when the request ended
-                continue
-            opens = h["offset"] == 0 and h["req"] not in stage.requests
-            if opens and room <= 0:
-                # A full stage: the newcomer waits its turn (a slot frees when a
-                # release arrives), its later chunks behind it.
-                if h["req"] not in self.waiting:
-                    self.counters["admissions_deferred"] += 1
-                    logger.info("admission_deferred", request_id=h["req"], in_flight=len(stage.requests))
-                self.waiting.add(h["req"])
-            if h["req"] in self.waiting and not (opens and room > 0):
-                self.deferred.append(m)
-                continue
-            self.waiting.discard(h["req"])
-            room -= opens
-            live.append(m)
             if h["offset"] == 0 and h["req"] not in stage.requests:
                 self.counters["requests_started"] += 1
                 logger.info(
@@ -756,7 +606,6 @@ class Worker:
                     tokens=m.tensors[0].shape[1],  # (1, L) token ids or (1, L, D) activations
                 )
             steps.append(Step(h["req"], h["offset"], m.tensors[0], h["sample"], h["params"], tuple(m.tensors[1:])))
-        msgs = live
         if not msgs:
             return
         t0 = time.monotonic()
@@ -795,71 +644,20 @@ class Worker:
                 header = {k: h[k] for k in ("req", "seq", "offset", "sample", "params", "stop_at", "eos") if k in h}
                 tensors = [result.activations, *result.extra]  # + attention-residual blocks (Kimi K3)
                 self._send(self.next, wire.encode("forward", header, tensors), "next")
-            elif result.token is not None:
-                self._deliver(h, m.tensors[0].shape[1], result)
+            elif result.token is not None and not self.ring.deliver(h, m.tensors[0].shape[1], result):
+                self._forget(h["req"])  # the coordinator has stopped taking tokens
 
-    def _deliver(self, h: dict, length: int, result: ForwardResult) -> None:
-        """Last stage: the next decode step to the first stage, then the token
-        to the coordinator; or, if the coordinator has stopped taking tokens,
-        neither, and the request is dropped here."""
-        self.counters["tokens_sampled"] += 1
-        if self.next is not None and not self.next.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
-            # TOKEN_HWM tokens the coordinator has not taken: it is gone (or
-            # stuck). Stop the ring here instead of blocking on every send.
-            self.counters["coordinator_not_reading"] += 1
-            log.bind_request(h["req"])
-            logger.warning("coordinator_not_reading", queued=TOKEN_HWM)
-            log.bind_request(None)
-            self._forget(h["req"])
-            return
-        last = not self._continue(h, length, result.token)
-        run = self.outbox.get(h["req"])
-        if run is None:
-            run = self.outbox[h["req"]] = TokenRun(h["seq"])
-        run.add(result)
-        if last or len(run.tokens) >= wire.MAX_ID_LIST:
-            self._send_tokens(h["req"], last=last)
-        else:
-            self._flush_tokens(h["req"])
-
-    def _send_tokens(self, req: str, *, last: bool = False) -> None:
-        run = self.outbox.pop(req)
-        self.counters["token_messages"] += 1
-        self._send(self.next, run.message(req), "coordinator")
-        if last:
-            self.sent_at.pop(req, None)
-        else:
-            self.sent_at[req] = time.monotonic()
-
-    def _flush_tokens(self, only: str | None = None) -> None:
-        """Send the runs whose request last sent `stream_interval` ago or more
-        (a request's first token goes at once)."""
-        now = time.monotonic()
-        for req in [only] if only is not None else list(self.outbox):
-            if now - self.sent_at.get(req, -math.inf) >= self.stream_interval:
-                self._send_tokens(req)
-
-    def _poll_ms(self) -> int:
-        """Wait for messages until the earliest run of tokens is due, at most POLL_MS."""
-        if not self.outbox:
-            return POLL_MS
-        due = min(self.sent_at.get(req, -math.inf) for req in self.outbox) + self.stream_interval
-        return min(POLL_MS, math.ceil(1e3 * max(0.0, due - time.monotonic())))
-
-    def _continue(self, h: dict, length: int, token: int) -> bool:
-        """Last stage: feed the sampled token to the first stage as the next
-        decode step, unless the sequence is complete (False)."""
-        position = h["offset"] + length  # where the sampled token sits
-        if "stop_at" not in h or position + 1 >= h["stop_at"] or token in h.get("eos", ()):
-            return False
-        header = {**h, "seq": h["seq"] + 1, "offset": position, "sample": True}
-        ids = mx.array([[token]], dtype=mx.int32)
-        if self.stage is not None and self.stage.shard.first:
-            self.pending.append(wire.Message("forward", header, [ids]))
+    def _to_first(self, step: wire.Message) -> bool:
+        """The last stage's next decode step to the first stage: in process if
+        this stage is also the first, else over the loop socket."""
+        if self.stage is not None and self.stage.first:
+            self.pending.append(step)
         elif self.loop is not None:
-            self._send(self.loop, wire.encode("forward", header, [ids]), "first stage")
+            self._send(self.loop, wire.encode("forward", step.header, step.tensors), "first stage")
         else:
-            self._report_error(h["req"], "cannot continue: the load named no first stage (load argument 'first')")
+            self._report_error(
+                step.header["req"], "cannot continue: the load named no first stage (load argument 'first')"
+            )
             return False
         return True
 
