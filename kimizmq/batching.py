@@ -44,6 +44,13 @@ def micro_batches(stage: Stage, forwards: list[wire.Message], stages: int) -> li
     return [forwards[i : i + size] for i in range(0, len(forwards), size)]
 
 
+def opens(stage: Stage, header: dict) -> bool:
+    """Whether a forward opens a request here: its first chunk, at offset 0 or
+    where the prefix cache's entry it starts from ends."""
+    start = header["prefix"]["length"] if "prefix" in header else 0
+    return header["offset"] == start and header["req"] not in stage.requests
+
+
 def admit(
     stage: Stage, forwards: list[wire.Message], waiting: set[str], counters: dict[str, int]
 ) -> tuple[list[wire.Message], list[wire.Message]]:
@@ -55,16 +62,16 @@ def admit(
     now, later = [], []
     for m in forwards:
         req = m.header["req"]
-        opens = m.header["offset"] == 0 and req not in stage.requests
-        if opens and room <= 0:
+        new = opens(stage, m.header)
+        if new and room <= 0:
             if req not in waiting:
                 counters["admissions_deferred"] += 1
                 logger.info("admission_deferred", request_id=req, in_flight=len(stage.requests))
             waiting.add(req)
-        if req in waiting and not (opens and room > 0):
+        if req in waiting and not (new and room > 0):
             later.append(m)
             continue
         waiting.discard(req)
-        room -= opens
+        room -= new
         now.append(m)
     return now, later

@@ -23,6 +23,7 @@ class LoadSpec:
     max_context: int
     reserve_bytes: int
     stages: int  # of the pipeline: the first stage splits waves into this many batches
+    prefix_cache_bytes: int = 0  # finished requests' states this stage may keep for reuse
 
     @classmethod
     def from_args(cls, args: dict, cfg: Config) -> LoadSpec:
@@ -38,12 +39,26 @@ class LoadSpec:
                 max_context=args.get("max_context", cfg.runtime.max_context),
                 reserve_bytes=args.get("reserve_bytes", LOAD_MARGIN_BYTES),
                 stages=args.get("stages", 1),
+                prefix_cache_bytes=args.get("prefix_cache_bytes", 0),
             )
         except KeyError as e:
             raise ValueError(f"load needs {e.args[0]!r}") from None
-        ints = (spec.start, spec.end, spec.max_requests, spec.max_context, spec.reserve_bytes, spec.stages)
+        ints = (
+            spec.start,
+            spec.end,
+            spec.max_requests,
+            spec.max_context,
+            spec.reserve_bytes,
+            spec.stages,
+            spec.prefix_cache_bytes,
+        )
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
-            raise ValueError("load: start, end, max_requests, max_context and stages must be integers")
+            raise ValueError(
+                "load: start, end, max_requests, max_context, reserve_bytes, stages and prefix_cache_bytes "
+                "must be integers"
+            )
+        if spec.prefix_cache_bytes < 0:
+            raise ValueError("load: prefix_cache_bytes must be >= 0")
         if not all(isinstance(v, str) for v in (*spec.peers, spec.dtype)):
             raise ValueError("load: next, report, first and dtype must be strings")
         if not all(a.startswith("tcp://") for a in spec.peers):

@@ -138,5 +138,6 @@ class TokenRing:
         position = h["offset"] + length  # where the sampled token sits
         if "stop_at" not in h or position + 1 >= h["stop_at"] or token in h.get("eos", ()):
             return False
-        header = {**h, "seq": h["seq"] + 1, "offset": position, "sample": True}
+        header = {k: v for k, v in h.items() if k != "prefix"}  # a decode step starts nothing
+        header.update(seq=h["seq"] + 1, offset=position, sample=True)
         return self.to_first(wire.Message("forward", header, [mx.array([[token]], dtype=mx.int32)]))

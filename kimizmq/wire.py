@@ -23,7 +23,9 @@ import msgpack
 import numpy as np
 import zmq
 
-PROTOCOL_VERSION = 3  # 2: `tokens` carries a run of sampled tokens; 3: the prefix cache (`prefix`, `keep`, `drop`, `kept`)
+PROTOCOL_VERSION = (
+    3  # 2: `tokens` carries a run of sampled tokens; 3: the prefix cache (`prefix`, `keep`, `drop`, `kept`)
+)
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_TENSOR_BYTES = 1 << 30
 MAX_ID_CHARS = 128

@@ -46,13 +46,14 @@ import mlx.core as mx
 import zmq
 
 from . import log, security, versions, wire, wired
-from .batching import MAX_BATCH, PARTNER_WAIT_S, admit, micro_batches, partners_missing
+from .batching import MAX_BATCH, PARTNER_WAIT_S, admit, micro_batches, opens, partners_missing
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, WorkerConfig, load_config
 from .control import keep_alive
 from .loadspec import LoadSpec
 from .memory import available_memory_bytes, check_stage_memory
 from .plan import StageAssignment
+from .prefixcache import PrefixStore
 from .shard import ShardError, ShardLoader, compiled_decode
 from .stage import Stage, StageError, Step
 from .tokenring import TOKEN_HWM, TokenRing
@@ -370,6 +371,7 @@ class Worker:
             batched_prompt_steps=stage.batched_prompt_steps if stage else 0,
             kept_batch_steps=stage.kept_batch_steps if stage else 0,
             compiled_decode=bool(stage and stage.compiled_decode),
+            **(stage.prefix.stats() if stage else PrefixStore(0).stats()),
             cache_bytes=stage.cache_bytes() if stage else 0,
             weight_bytes=stage.shard.nbytes if stage else 0,
             peak_memory_bytes=mx.get_peak_memory(),
@@ -387,6 +389,8 @@ class Worker:
             # Idempotent: a repeated load (lost reply, restarted coordinator) keeps the shard.
             self._connect(spec)
             self.spec = spec
+            if self.stage is not None:
+                self.stage.prefix.budget_bytes = spec.prefix_cache_bytes
             return self.cmd_health({})
         if self.state == "loading":
             raise ValueError("a different shard is still loading; unload first")
@@ -491,6 +495,7 @@ class Worker:
                 max_context=spec.max_context,
                 compiled_decode=compiled_decode(self.cfg.runtime.decode),
                 model_dir=model_dir,
+                prefix_cache_bytes=spec.prefix_cache_bytes,
             )
             self.state = "ready"
             log.announce(
@@ -531,6 +536,7 @@ class Worker:
         of prompts that arrived together are one batched pass, as are decode
         steps of requests in flight together."""
         queues: dict[str, list[wire.Message]] = {}
+        drops: list[list[str] | None] = []
         for frames in batch:
             try:
                 msg = frames if isinstance(frames, wire.Message) else wire.decode(frames)
@@ -538,19 +544,30 @@ class Worker:
                 self.counters["bad_messages"] += 1
                 logger.warning("bad_data_message", error=str(e))
                 continue
-            if msg.kind not in ("forward", "release"):
+            try:
+                if msg.kind == "drop":
+                    drops.append(wire.check_drop(msg.header))
+                    continue
+                if msg.kind not in ("forward", "release"):
+                    raise wire.WireError(f"unexpected kind {msg.kind} on the data socket")
+                if msg.kind == "forward":
+                    wire.check_prefix(msg.header)
+            except wire.WireError as e:
                 self.counters["bad_messages"] += 1
-                logger.warning("bad_data_message", error=f"unexpected kind {msg.kind} on the data socket")
+                logger.warning("bad_data_message", error=str(e))
+                if msg.kind == "forward":  # its request would wait for nothing: end it
+                    self._forget(msg.header["req"])
+                    self._report_error(msg.header["req"], str(e))
                 continue
             queues.setdefault(msg.header["req"], []).append(msg)
         # Releases first: they free room before this round admits anyone, and
         # whatever else the batch holds for a released request is dead.
         for req, q in list(queues.items()):
-            if any(m.kind == "release" for m in q):
-                dropped = sum(m.kind == "forward" for m in q)
-                self.counters["dropped_after_release"] += dropped
+            releases = [m for m in q if m.kind == "release"]
+            if releases:
+                self.counters["dropped_after_release"] += len(q) - len(releases)
                 del queues[req]
-                self._release(req)
+                self._release(req, next((m.header["keep"] for m in releases if "keep" in m.header), None))
         while queues:
             wave = [q.pop(0) for q in queues.values()]
             queues = {req: q for req, q in queues.items() if q}
@@ -558,18 +575,32 @@ class Worker:
             self.counters["split_waves"] += len(parts) > 1
             for part in parts:
                 self._forward(part)
+        # Drops last: a forward that came before a drop still finds its entry.
+        for entries in drops:
+            self._drop_prefixes(entries)
 
-    def _release(self, req: str) -> None:
+    def _release(self, req: str, keep: str | None = None) -> None:
         log.bind_request(req)
-        released = self._forget(req)
-        logger.info("request_released", had_cache=released)
+        released = self._forget(req, keep)
+        logger.info("request_released", had_cache=released, **({"kept_as": keep} if keep else {}))
         if self.stage is not None and not self.stage.last:
-            self._send(self.next, wire.encode("release", {"req": req}), "next")
+            self._send(self.next, wire.encode("release", {"req": req, **({"keep": keep} if keep else {})}), "next")
         log.bind_request(None)
 
-    def _forget(self, req: str) -> bool:
+    def _drop_prefixes(self, entries: list[str] | None) -> None:
+        """The coordinator evicted these prefix cache entries (None: all): every stage forgets them."""
+        dropped = self.stage.prefix.drop(entries) if self.stage else 0
+        logger.info("prefix_entries_dropped", entries="all" if entries is None else len(entries), held=dropped)
+        if self.stage is not None and not self.stage.last:
+            self._send(
+                self.next, wire.encode("drop", {"all": True} if entries is None else {"entries": entries}), "next"
+            )
+
+    def _forget(self, req: str, keep: str | None = None) -> bool:
         """Free a request's cache and tombstone the id: its steps still on the
-        ring, or queued anywhere, are dropped quietly. True if this stage held it."""
+        ring, or queued anywhere, are dropped quietly. True if this stage held
+        it. `keep`: the prefix cache keeps its state under that entry id, and
+        the coordinator hears what was kept (nothing: length 0)."""
         now = time.monotonic()
         self.released.pop(req, None)
         self.released[req] = now
@@ -581,7 +612,13 @@ class Worker:
             len(self.released) > MAX_TOMBSTONES or now - next(iter(self.released.values())) > TOMBSTONE_S
         ):
             self.released.popitem(last=False)
-        return bool(self.stage and self.stage.release(req)[0])
+        held, kept = self.stage.release(req, keep) if self.stage else (False, None)
+        if keep is not None:
+            report = {"entry": keep, "worker": self.me.name, "length": 0, "bytes": 0, "trimmable": True}
+            if kept is not None:
+                report.update(length=kept.length, bytes=kept.nbytes, trimmable=kept.trimmable)
+            self._send(self.report, wire.encode("kept", report), "report")
+        return held
 
     def _forward(self, msgs: list[wire.Message]) -> None:
         if not msgs:
@@ -598,14 +635,17 @@ class Worker:
         steps = []
         for m in msgs:
             h = m.header
-            if h["offset"] == 0 and h["req"] not in stage.requests:
+            prefix = wire.check_prefix(h)  # checked on arrival
+            if opens(stage, h):
                 self.counters["requests_started"] += 1
                 logger.info(
                     "request_started",
                     request_id=h["req"],
                     tokens=m.tensors[0].shape[1],  # (1, L) token ids or (1, L, D) activations
+                    **({"prefix_tokens": prefix[1]} if prefix else {}),
                 )
-            steps.append(Step(h["req"], h["offset"], m.tensors[0], h["sample"], h["params"], tuple(m.tensors[1:])))
+            step = Step(h["req"], h["offset"], m.tensors[0], h["sample"], h["params"], tuple(m.tensors[1:]), prefix)
+            steps.append(step)
         if not msgs:
             return
         t0 = time.monotonic()
