@@ -191,6 +191,14 @@ def _token_logprobs(engine: Engine, ev: Event) -> list[dict]:
     ]
 
 
+def closing_frames(reqs: list[Request], obj: str, model: str, created: int, include_usage: bool) -> list[Frame]:
+    """The end of an OpenAI stream: the usage chunk where asked for, then [DONE]."""
+    frames: list[Frame] = []
+    if include_usage:
+        frames.append((None, {**base_chunk(reqs[0], obj, model, created), "choices": [], "usage": usage(reqs)}))
+    return [*frames, (None, "[DONE]")]
+
+
 class ChatOutput:
     """One chat choice as it streams in: reasoning, content and tool calls
     split by the model's markers, and its logprobs."""
@@ -259,11 +267,7 @@ class ChatStream(StreamShape):
         return frames
 
     def closing(self) -> list[Frame]:
-        frames: list[Frame] = []
-        if self.opts["include_usage"]:
-            out = base_chunk(self.reqs[0], "chat.completion.chunk", self.model, self.created)
-            frames.append((None, {**out, "choices": [], "usage": usage(self.reqs)}))
-        return [*frames, (None, "[DONE]")]
+        return closing_frames(self.reqs, "chat.completion.chunk", self.model, self.created, self.opts["include_usage"])
 
 
 def logprobs_block(engine: Engine, events: list[Event], offset: int) -> dict:
@@ -309,8 +313,4 @@ class CompletionStream(StreamShape):
         return [self._chunk(choice)]
 
     def closing(self) -> list[Frame]:
-        frames: list[Frame] = []
-        if self.opts["include_usage"]:
-            out = base_chunk(self.reqs[0], "text_completion", self.model, self.created)
-            frames.append((None, {**out, "choices": [], "usage": usage(self.reqs)}))
-        return [*frames, (None, "[DONE]")]
+        return closing_frames(self.reqs, "text_completion", self.model, self.created, self.opts["include_usage"])
