@@ -47,7 +47,7 @@ from .streams import ChatOutput, ChatStream, CompletionStream, base_chunk, choic
 SHUTDOWN_TIMEOUT_S = 2.0  # on SIGTERM, open streams get this long to end
 # Slow or idle clients (slowloris) must not hold connections: a request's head
 # must be complete this long after the connection opened or went idle (aiohttp's
-# keep-alive timer, armed at connect), its body read within BODY_TIMEOUT_S.
+# keep-alive timer, armed at connect), its body read within bodies.BODY_TIMEOUT_S.
 HEADER_TIMEOUT_S = 10.0
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

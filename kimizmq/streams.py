@@ -19,9 +19,6 @@ from .toolcalls import OutputParser, may_think
 logger = log.get_logger()
 
 
-# -- generation ---------------------------------------------------------------------
-
-
 def usage(reqs: list[Request]) -> dict:
     prompt = sum(len(r.prompt) for r in reqs[:1])  # every choice reads the same prompt, once
     completion = sum(len(r.tokens) for r in reqs)
