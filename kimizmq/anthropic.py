@@ -16,24 +16,20 @@ from typing import Any
 
 from aiohttp import web
 
-from .api import (
+from .bodies import (
     ApiError,
-    ChatOutput,
-    Frame,
-    StreamShape,
-    _checked_grammar,
-    _choices,
-    _common,
-    _json_body,
     chat_messages,
     chat_prompt,
     chat_tools,
-    choice_events,
-    stream,
+    checked_grammar,
+    common_params,
+    json_body,
+    make_choices,
     tool_choice,
 )
-from .coordinator import Engine, Event, Request
+from .engine import Engine, Event, Request
 from .grammar import tool_call_grammar
+from .streams import ChatOutput, Frame, StreamShape, choice_events, stream
 from .toolcalls import may_think, template_thinks
 
 FIELDS = frozenset(
@@ -266,7 +262,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 async def _messages(request: web.Request) -> web.StreamResponse:
     engine: Engine = request.app["engine"]
-    body = await _json_body(request)
+    body = await json_body(request)
     for name in body:
         if name not in FIELDS and name not in IGNORED:
             raise ApiError(400, f"{name} is not supported by this server", name)
@@ -294,15 +290,15 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     }
     if "stop_sequences" in body:
         chat["stop"] = body["stop_sequences"]
-    opts = _common(engine, {k: v for k, v in chat.items() if v is not None})
+    opts = common_params(engine, {k: v for k, v in chat.items() if v is not None})
     clean_tools = chat_tools(chat)
     how, callable_tools = tool_choice({k: v for k, v in chat.items() if v is not None}, clean_tools)
     if how == "required":
         named = isinstance(choice, dict)  # one call of that tool
         forced = tool_call_grammar(callable_tools, parallel=parallel and not named)
-        opts["params"]["grammar"] = _checked_grammar(engine, forced, "tool_choice")
+        opts["params"]["grammar"] = checked_grammar(engine, forced, "tool_choice")
     prompt = chat_prompt(engine, chat_messages(chat), clean_tools, how, opts["params"])
-    (req,) = _choices(engine, prompt, opts, 1)
+    (req,) = make_choices(engine, prompt, opts, 1)
     output = ChatOutput(engine, bool(clean_tools) and how != "none", parallel, logprobs=False)
     model = engine.cfg.model_name
     if opts["stream"]:

@@ -349,6 +349,26 @@ def stage_tensor_names(index: dict[str, Any], start: int, end: int, *, first: bo
     return names
 
 
+def sizes_from_tensors(tensors: dict[str, int], num_layers: int) -> LayerSizes:
+    """Per-layer bytes from each tensor's loaded size: a layer's tensors to its
+    layer (those past `num_layers`, multi-token prediction, mlx-lm drops), the
+    embedding and the head (a VLM's language_model prefix aside) to theirs."""
+    layers = [0] * num_layers
+    embed = head = 0
+    tied = True
+    for name, nbytes in tensors.items():
+        layer, text_name = layer_of(name), _text_name(name)
+        if layer is not None:
+            if layer < num_layers:
+                layers[layer] += nbytes
+        elif text_name.startswith(EMBED_PREFIX):
+            embed += nbytes
+        elif text_name.startswith(HEAD_PREFIXES):
+            head += nbytes
+            tied = tied and not text_name.startswith(LM_HEAD_PREFIX)
+    return LayerSizes(tuple(layers), embed, head, estimated=False, tied_embeddings=tied)
+
+
 def layer_sizes(model_dir: str | Path) -> LayerSizes:
     """Per-layer bytes: exact from the safetensors headers, else estimated from config.json."""
     config = read_config(model_dir)
@@ -358,19 +378,8 @@ def layer_sizes(model_dir: str | Path) -> LayerSizes:
 
     index = tensor_index(model_dir)
     check_layer_count(index, text_config(config), model_dir)
-    layers = [0] * num_layers
-    embed = head = 0
-    tied = True
-    for name, info in index.items():
-        layer, nbytes, text_name = layer_of(name), loaded_nbytes(name, info, index), _text_name(name)
-        if layer is not None:
-            if layer < num_layers:  # higher ones (multi-token prediction) mlx-lm drops
-                layers[layer] += nbytes
-        elif text_name.startswith(EMBED_PREFIX):
-            embed += nbytes
-        elif text_name.startswith(HEAD_PREFIXES):
-            head += nbytes
-            tied = tied and not text_name.startswith(LM_HEAD_PREFIX)
+    sizes = sizes_from_tensors({name: loaded_nbytes(name, info, index) for name, info in index.items()}, num_layers)
+    layers, embed = sizes.layers, sizes.embed_bytes
     missing = [i for i, n in enumerate(layers) if n == 0]
     if missing:
         raise CheckpointError(
@@ -379,7 +388,7 @@ def layer_sizes(model_dir: str | Path) -> LayerSizes:
         )
     if embed == 0:
         raise CheckpointError(f"{model_dir}: the safetensors hold no model.embed_tokens")
-    return LayerSizes(tuple(layers), embed, head, estimated=False, tied_embeddings=tied)
+    return sizes
 
 
 def kv_bytes_per_token_per_layer(config: dict, dtype_bytes: int) -> int:

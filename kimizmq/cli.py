@@ -357,9 +357,8 @@ async def _status_from_workers(cfg: Config, reason: str) -> dict:
     """The coordinator is down: ask each worker's control socket directly."""
     import zmq.asyncio
 
-    from . import security
+    from . import security, status
     from .control import ControlClient, ControlError, ControlTimeout
-    from .plan import GIB
 
     report = {
         "model": cfg.model_name,
@@ -379,20 +378,16 @@ async def _status_from_workers(cfg: Config, reason: str) -> dict:
     }
 
     async def one(w) -> dict:
-        row = {
-            "name": w.name,
-            "address": w.control_address,
-            "memory_total_bytes": int(w.memory_gb * GIB),
-            "tokens_per_s": None,
-        }
         if key_error is not None:
-            return {**row, "state": "unknown", "up": False, "error": key_error}
-        try:
-            s = await clients[w.name].call("stats", timeout=STATUS_CONTROL_TIMEOUT_S)
-        except (ControlTimeout, ControlError) as e:
-            return {**row, "state": "down", "up": False, "error": str(e), "last_seen": None}
-        keys = ("state", "layers", "progress", "memory_bytes", "requests", "error", "pid")
-        return {**row, **{k: s.get(k) for k in keys}, "up": True, "last_seen": time.time()}
+            answer = {"state": "unknown", "up": False, "error": key_error}
+        else:
+            try:
+                s = await clients[w.name].call("stats", timeout=STATUS_CONTROL_TIMEOUT_S)
+            except (ControlTimeout, ControlError) as e:
+                answer = {"state": "down", "up": False, "error": str(e), "last_seen": None}
+            else:
+                answer = {**s, "up": True, "last_seen": time.time()}
+        return {"name": w.name, **status.worker_row(answer, w)}
 
     try:
         report["workers"] = list(await asyncio.gather(*(one(w) for w in cfg.workers)))

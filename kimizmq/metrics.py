@@ -19,6 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from . import status
+
 if TYPE_CHECKING:
     from .plan import Plan
 
@@ -157,7 +159,7 @@ class _Snapshot(Collector):
             GaugeMetricFamily,
             "worker_ready",
             "1 when the worker holds its shard and serves",
-            lambda w: int(w.get("state") == "ready"),
+            lambda w: int(status.serving(w)),
         )
         yield per_worker(
             CounterMetricFamily,

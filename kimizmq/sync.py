@@ -32,19 +32,17 @@ import click
 
 from .checkpoint import (
     DTYPE_BYTES,
-    EMBED_PREFIX,
-    HEAD_PREFIXES,
     HEADERS_FILE,
-    LM_HEAD_PREFIX,
     CheckpointError,
     LayerSizes,
     TensorInfo,
     headers_json,
-    layer_of,
     layer_sizes,
     read_config,
+    sizes_from_tensors,
     stage_tensor_names,
     tensor_index,
+    text_config,
 )
 from .cluster import Daemon
 from .config import Config
@@ -140,7 +138,7 @@ def remote_checkpoint(machine: Machine, python: str, model_dir: str) -> Checkpoi
     made = {HEADERS_FILE: data["headers"].encode()}
     sizes = {**data["sizes"], **{name: len(b) for name, b in made.items()}}
     nbytes = {n: t.nbytes for n, t in index.items()}
-    layers = _sizes_from(nbytes, data["config"]["num_hidden_layers"])
+    layers = sizes_from_tensors(nbytes, text_config(data["config"])["num_hidden_layers"])
 
     @contextlib.contextmanager
     def open_at(name: str, offset: int) -> Iterator[BinaryIO]:
@@ -153,23 +151,6 @@ def remote_checkpoint(machine: Machine, python: str, model_dir: str) -> Checkpoi
             reader.wait()
 
     return Checkpoint(sizes, weights_of, layers, data["config"], made, open_at)
-
-
-def _sizes_from(tensors: dict[str, int], num_layers: int) -> LayerSizes:
-    layers = [0] * num_layers
-    embed = head = 0
-    tied = True
-    for name, nbytes in tensors.items():
-        layer = layer_of(name)
-        if layer is not None:
-            if layer < num_layers:
-                layers[layer] += nbytes
-        elif name.startswith(EMBED_PREFIX):
-            embed += nbytes
-        elif name.startswith(HEAD_PREFIXES):
-            head += nbytes
-            tied = tied and not name.startswith(LM_HEAD_PREFIX)
-    return LayerSizes(tuple(layers), embed, head, estimated=False, tied_embeddings=tied)
 
 
 def hub_checkpoint(repo_id: str, revision: str | None) -> Checkpoint:
@@ -204,7 +185,7 @@ def hub_checkpoint(repo_id: str, revision: str | None) -> Checkpoint:
 
     made = {HEADERS_FILE: headers_json(index)}
     sizes.update({name: len(data) for name, data in made.items()})
-    layers = _sizes_from(nbytes, model_config["num_hidden_layers"])
+    layers = sizes_from_tensors(nbytes, text_config(model_config)["num_hidden_layers"])
     return Checkpoint(sizes, weights_of, layers, model_config, made)
 
 

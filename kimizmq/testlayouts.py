@@ -47,62 +47,53 @@ K3_BLOCK_SIZE = 12  # Kimi K3's attn_res_block_size
 TEXT_PREFIX = "language_model."
 FLOAT32_KEPT = ("e_score_correction_bias", "A_log", "dt_bias")  # mlx-lm never casts these
 
+
+def _quantization_config(fmt: str, ignore: list[str], weights: dict, group: dict, top: dict) -> dict:
+    """A compressed-tensors quantization_config: one group of 4-bit Linear weights
+    quantized per group (`weights`, `group`, `top`: what a format adds)."""
+    return {
+        "config_groups": {
+            "group_0": {
+                **group,
+                "input_activations": None,
+                "output_activations": None,
+                "targets": ["Linear"],
+                "weights": {
+                    "actorder": None,
+                    "block_structure": None,
+                    "dynamic": False,
+                    "num_bits": 4,
+                    "observer": "minmax",
+                    "observer_kwargs": {},
+                    "strategy": "group",
+                    "symmetric": True,
+                    **weights,
+                },
+            }
+        },
+        "format": fmt,
+        **top,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+    }
+
+
 # Kimi-K2.5's text_config quantization_config (../shared/reference/kimi-k2.5/config.json),
 # also Kimi-K2-Thinking's.
-INT4_QUANTIZATION_CONFIG = {
-    "config_groups": {
-        "group_0": {
-            "input_activations": None,
-            "output_activations": None,
-            "targets": ["Linear"],
-            "weights": {
-                "actorder": None,
-                "block_structure": None,
-                "dynamic": False,
-                "group_size": INT4_GROUP,
-                "num_bits": 4,
-                "observer": "minmax",
-                "observer_kwargs": {},
-                "strategy": "group",
-                "symmetric": True,
-                "type": "int",
-            },
-        }
-    },
-    "format": "pack-quantized",
-    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
-    "kv_cache_scheme": None,
-    "quant_method": "compressed-tensors",
-    "quantization_status": "compressed",
-}
+INT4_QUANTIZATION_CONFIG = _quantization_config(
+    "pack-quantized",
+    ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+    weights={"group_size": INT4_GROUP, "type": "int"},
+    group={},
+    top={},
+)
 
 # Kimi K3's text_config quantization_config (../shared/reference/kimi-k3/config.json).
-MXFP4_QUANTIZATION_CONFIG = {
-    "config_groups": {
-        "group_0": {
-            "format": "mxfp4-pack-quantized",
-            "input_activations": None,
-            "output_activations": None,
-            "targets": ["Linear"],
-            "weights": {
-                "actorder": None,
-                "block_structure": None,
-                "dynamic": False,
-                "group_size": 32,
-                "num_bits": 4,
-                "observer": "minmax",
-                "observer_kwargs": {},
-                "scale_dtype": "torch.uint8",
-                "strategy": "group",
-                "symmetric": True,
-                "type": "float",
-                "zp_dtype": None,
-            },
-        }
-    },
-    "format": "mxfp4-pack-quantized",
-    "global_compression_ratio": None,
-    "ignore": [
+MXFP4_QUANTIZATION_CONFIG = _quantization_config(
+    "mxfp4-pack-quantized",
+    [
         "re:.*self_attn.*",
         "re:.*shared_experts.*",
         "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
@@ -110,10 +101,10 @@ MXFP4_QUANTIZATION_CONFIG = {
         "re:.*vision_tower.*",
         "re:.*mm_projector.*",
     ],
-    "kv_cache_scheme": None,
-    "quant_method": "compressed-tensors",
-    "quantization_status": "compressed",
-}
+    weights={"group_size": 32, "scale_dtype": "torch.uint8", "type": "float", "zp_dtype": None},
+    group={"format": "mxfp4-pack-quantized"},
+    top={"global_compression_ratio": None},
+)
 
 # A vision tower and projector no stage may read (names as K2.5 and K3 store them).
 DUMMY_VISION = {

@@ -148,8 +148,6 @@ def kimizmq_rows(bc: BenchConfig, stages: int, rows: list[Row], *, chunk: int | 
         "prefill_chunk": chunk,
         "max_context": longest + max(bc.decode_tokens, bc.aggregate_tokens, 16) + 64,
         "max_concurrent": max(16, *bc.concurrency),
-        # a long unchunked prefill keeps a CPU worker busy for minutes: not a dead worker
-        "liveness_timeout_s": 3600.0,
         "decode": bc.decode,
         "stream_interval_ms": bc.stream_interval_ms,
     }

@@ -117,3 +117,14 @@ def complete_ids(base: str, prompt: list[int], n: int, **params) -> dict:
     status, out = post_json(base, "/v1/completions", greedy_body(prompt, n, **params))
     assert status == 200, (status, out)
     return out["choices"][0]
+
+
+def streamed_tool_calls(chunks: list) -> list[tuple[str, str, str]]:
+    """(id, name, arguments) of every tool call an OpenAI SDK chat stream made,
+    in index order: a call's argument deltas joined."""
+    calls: dict[int, dict] = {}
+    for c in chunks:
+        for d in c.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(d.index, {"id": d.id, "name": d.function.name, "arguments": ""})
+            entry["arguments"] += d.function.arguments or ""
+    return [(v["id"], v["name"], v["arguments"]) for _, v in sorted(calls.items())]

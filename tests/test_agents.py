@@ -17,7 +17,7 @@ import pytest
 
 from kimizmq.tokenizer import load_tokenizer
 from kimizmq.toolcalls import TOOL_MARKERS, OutputParser
-from tests.support import running_cluster, wait_until, worker_stats
+from tests.support import running_cluster, streamed_tool_calls, wait_until, worker_stats
 
 MODEL = "kimi-k2-agents"
 KEY = "agents-test-key"
@@ -325,14 +325,9 @@ def test_streamed_tool_calls_equal_the_whole_answer(client):
     )
     whole = client.chat.completions.create(**kw)
     chunks = list(client.chat.completions.create(**kw, stream=True))
-    calls: dict[int, dict] = {}
-    for c in chunks:
-        for d in c.choices[0].delta.tool_calls or []:
-            entry = calls.setdefault(d.index, {"id": d.id, "name": d.function.name, "arguments": ""})
-            entry["arguments"] += d.function.arguments or ""
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
     assert finishes == ["tool_calls"] == [whole.choices[0].finish_reason]
-    assert [(v["id"], v["name"], v["arguments"]) for _, v in sorted(calls.items())] == [
+    assert streamed_tool_calls(chunks) == [
         (t.id, t.function.name, t.function.arguments) for t in whole.choices[0].message.tool_calls
     ]
     assert not "".join(c.choices[0].delta.content or "" for c in chunks)

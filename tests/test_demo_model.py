@@ -30,7 +30,7 @@ from kimizmq.demomodel import (
 from kimizmq.local import LocalCluster, write_config
 from kimizmq.tokenizer import load_tokenizer
 from kimizmq.toolcalls import TOOL_MARKERS
-from tests.support import complete_ids, post_json, running_cluster
+from tests.support import complete_ids, post_json, running_cluster, streamed_tool_calls
 from tests.test_pipeline import reference_greedy
 
 N_TOKENS = 48
@@ -217,12 +217,7 @@ def test_agent_loop_with_the_openai_sdk_on_the_models_own_tool_call(client, stre
     kw = dict(model=DEMO_MODEL_NAME, messages=TIME_QUESTION, tools=AGENT_TOOLS, temperature=0, max_tokens=60)
     if streamed:
         chunks = list(client.chat.completions.create(**kw, stream=True))
-        calls: dict[int, dict] = {}
-        for c in chunks:
-            for d in c.choices[0].delta.tool_calls or []:
-                entry = calls.setdefault(d.index, {"id": d.id, "name": d.function.name, "arguments": ""})
-                entry["arguments"] += d.function.arguments or ""
-        ((call_id, name, arguments),) = [(v["id"], v["name"], v["arguments"]) for v in calls.values()]
+        ((call_id, name, arguments),) = streamed_tool_calls(chunks)
         content = "".join(c.choices[0].delta.content or "" for c in chunks)
         (finish,) = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
         assistant = {

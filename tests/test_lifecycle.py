@@ -346,7 +346,8 @@ def test_connections_beyond_the_limit_get_503_with_retry_after_and_are_closed():
 
     from aiohttp import web
 
-    from kimizmq.api import RETRY_AFTER_S, BoundedSite
+    from kimizmq.bodies import RETRY_AFTER_S
+    from kimizmq.httpsite import BoundedSite
     from kimizmq.local import free_ports
 
     async def run() -> list[bytes]:

@@ -85,6 +85,17 @@ def plan_cli(*args: str):
 # --- Kimi-K2 at its real size ---------------------------------------------------------
 
 
+def assert_shortfall(err: PlanError, memory_gib: dict[str, float], more_than_gib: float) -> None:
+    """The error names every worker short by more than `more_than_gib`, and
+    says in all what the plan needs beyond 75 % of the workers' memory."""
+    msg = str(err)
+    short = dict(re.findall(r"worker '(\w+)' is ([\d.]+) GiB short", msg))
+    assert set(short) == set(memory_gib) and all(float(v) > more_than_gib for v in short.values())
+    missing = float(re.search(r"In all ([\d.]+) GiB is missing", msg).group(1))
+    need = sum(s.weight_bytes + s.reserved_bytes for s in err.plan.stages)
+    assert missing == pytest.approx((need - 0.75 * sum(memory_gib.values()) * GIB) / GIB, abs=0.05)
+
+
 def test_kimi_on_512_and_192_gb_fits_with_about_44_layers_on_the_large_mac(tmp_path, kimi_dir):
     plan = make_plan(kimi_cfg(tmp_path, kimi_dir))
     big, small = plan.stages
@@ -114,11 +125,7 @@ def test_two_192_gb_workers_are_refused_saying_who_is_short_and_by_how_much(tmp_
     msg = str(err.value)
     print(f"\n{msg}")
     assert "does not fit" in msg
-    short = dict(re.findall(r"worker '(\w+)' is ([\d.]+) GiB short", msg))
-    assert set(short) == {"a", "b"} and all(float(v) > 50 for v in short.values())
-    missing = float(re.search(r"In all ([\d.]+) GiB is missing", msg).group(1))
-    need = sum(s.weight_bytes + s.reserved_bytes for s in err.value.plan.stages)
-    assert missing == pytest.approx((need - 2 * 0.75 * 192 * GIB) / GIB, abs=0.05)
+    assert_shortfall(err.value, {"a": 192, "b": 192}, more_than_gib=50)
     assert "iogpu.wired_limit_mb" in msg
 
     result = plan_cli("--config", str(cfg.path))
