@@ -243,7 +243,15 @@ class MessagesStream(StreamShape):
             frames.append(
                 (
                     "message_delta",
-                    {"type": "message_delta", "delta": delta, "usage": {"output_tokens": len(self.req.tokens)}},
+                    {
+                        "type": "message_delta",
+                        "delta": delta,
+                        "usage": {
+                            "output_tokens": len(self.req.tokens),
+                            "input_tokens": len(self.req.prompt) - self.req.cached_tokens,
+                            "cache_read_input_tokens": self.req.cached_tokens,
+                        },
+                    },
                 )
             )
             frames.append(("message_stop", {"type": "message_stop"}))
@@ -328,6 +336,11 @@ async def _messages(request: web.Request) -> web.StreamResponse:
             "content": blocks,
             "stop_reason": reason,
             "stop_sequence": sequence,
-            "usage": {"input_tokens": len(req.prompt), "output_tokens": len(req.tokens)},
+            "usage": {
+                # as Anthropic counts them: input_tokens are those not read from the (prefix) cache
+                "input_tokens": len(req.prompt) - req.cached_tokens,
+                "cache_read_input_tokens": req.cached_tokens,
+                "output_tokens": len(req.tokens),
+            },
         }
     )

@@ -244,6 +244,7 @@ async def health(request: web.Request) -> web.Response:
             "tokens_per_s": app["rates"].rate("coordinator", engine.metrics["tokens_generated"]),
             "time_to_first_token_mean_s": engine.latency["ttft_s"].mean(),
             "inter_token_latency_mean_s": engine.latency["itl_s"].mean(),
+            "prefix_cache": engine.prefix.stats(),
         },
         "stages": [{"worker": s.worker, "start": s.start, "end": s.end} for s in engine.plan.stages],
         "workers": {n: _worker_row(app, n, w) for n, w in workers.items()},

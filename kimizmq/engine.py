@@ -35,6 +35,7 @@ from .config import Config
 from .control import ControlClient, ControlError, ControlTimeout, keep_alive
 from .metrics import ITL_BUCKETS_S, TTFT_BUCKETS_S, Histogram
 from .plan import Plan
+from .prefixcache import Hit, PrefixIndex
 from .tokenizer import Tokenizer
 
 HEALTH_POLL_S = 0.2
@@ -95,6 +96,8 @@ class Request:
     stall_replays: int = 0  # of those, because it stopped making progress
     paused: bool = False  # a stage is down: replay it once every stage is back
     progress_at: float = field(default_factory=time.monotonic)  # when a stage last moved it on
+    cached_tokens: int = 0  # prompt tokens the stages took from the prefix cache
+    no_prefix: bool = False  # a stage lacked the entry it named: run from the start
 
     @property
     def wire_id(self) -> str:
@@ -149,6 +152,9 @@ class Engine:
             "bad_messages": 0,
         }
         self.latency = {"ttft_s": Histogram(TTFT_BUCKETS_S), "itl_s": Histogram(ITL_BUCKETS_S)}
+        self.prefix = PrefixIndex({s.worker: s.prefix_cache_bytes for s in plan.stages})
+        self.replays: set[asyncio.Task] = set()  # replays the receive loop started
+        self.pids: dict[str, int] = {}  # each worker's process: another one holds no prefix cache entry
 
     # -- start and stop -------------------------------------------------------------
 
@@ -192,7 +198,8 @@ class Engine:
             "dtype": self.cfg.runtime.dtype,
             "max_requests": self.cfg.runtime.max_concurrent,
             "max_context": self.cfg.runtime.max_context,
-            "reserve_bytes": stages[i].reserved_bytes,  # the plan's KV caches + margin
+            "reserve_bytes": stages[i].load_reserve_bytes,  # the plan's KV caches + margin
+            "prefix_cache_bytes": stages[i].prefix_cache_bytes,
             "stages": len(stages),
         }
 
@@ -245,6 +252,8 @@ class Engine:
             for wire_id in stats.get("active_requests", []):
                 await self.control[name].call("release", {"req": wire_id}, LOAD_CALL_TIMEOUT_S)
                 logger.info("orphan_released", worker=name, wire_id=wire_id)
+        self._note_restarts()
+        await self._drop_prefixes(None)  # entries a previous coordinator had them keep
         self.state = "ready"
         logger.info("cluster_ready", stages=[(s.worker, s.start, s.end) for s in self.plan.stages])
         c = self.cfg.coordinator
@@ -295,6 +304,9 @@ class Engine:
     async def _watch_once(self) -> None:
         rt = self.cfg.runtime
         await self.refresh_workers(timeout=rt.liveness_timeout_s, reconcile=self.state == "ready")
+        if self._note_restarts():
+            logger.warning("prefix_cache_cleared", reason="a worker restarted", entries=len(self.prefix.clear()))
+            await self._drop_prefixes(None)
         bad = status.not_serving(self.worker_state)
         if not bad:
             if self.state == "degraded":
@@ -424,9 +436,10 @@ class Engine:
                 req.events.put_nowait(Event("error", message=message, status=503))
 
     async def close(self) -> None:
-        for t in self.tasks:
+        tasks = [*self.tasks, *self.replays]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for c in (*self.control.values(), *self.liveness.values()):
             c.close()
         for s in (self.push, self.pull):
@@ -490,28 +503,67 @@ class Engine:
             log.bind_request(None)
 
     async def _send_prompt(self, req: Request, ids: list[int]) -> None:
-        """Push `ids` from position 0 in chunks; the stages pipeline them, the
-        last chunk asks for a sample, and the stages decode on their own from
-        there until `stop_at` tokens or an end-of-sequence token."""
+        """Push `ids` in chunks, from where the longest prefix every stage
+        holds in its prefix cache ends (else from 0); the stages pipeline them,
+        the last chunk asks for a sample, and the stages decode on their own
+        from there until `stop_at` tokens or an end-of-sequence token."""
         chunk = self.cfg.runtime.prefill_chunk
         ring = {
             "stop_at": len(req.prompt) + req.max_tokens,
             "eos": sorted(self.tokenizer.eos_token_ids) if req.stop_on_eos else [],
         }
-        for start in range(0, len(ids), chunk):
-            part = ids[start : start + chunk]
-            header = {
-                "req": req.wire_id,
-                "seq": req.seq,
-                "offset": start,
-                "sample": start + chunk >= len(ids),
-                "params": req.params,
-                **ring,
-            }
-            await self.push.send_multipart(wire.encode("forward", header, [mx.array([part], dtype=mx.int32)]))
+        hit: Hit | None = None
+        if self.prefix.enabled and not req.no_prefix:
+            hit = self.prefix.lookup(ids)
+        begin = hit.length if hit else 0
+        req.cached_tokens = min(begin, len(req.prompt))
+        if hit:
+            self.prefix.pin(hit.entry)  # no drop may overtake the chunk that names it
+            logger.info("prefix_cache_hit", entry=hit.entry, tokens=hit.length, of=len(ids))
+        try:
+            for start in range(begin, len(ids), chunk):
+                part = ids[start : start + chunk]
+                header = {
+                    "req": req.wire_id,
+                    "seq": req.seq,
+                    "offset": start,
+                    "sample": start + chunk >= len(ids),
+                    "params": req.params,
+                    **ring,
+                }
+                if hit and start == begin:
+                    header["prefix"] = {"entry": hit.entry, "length": hit.length}
+                await self.push.send_multipart(wire.encode("forward", header, [mx.array([part], dtype=mx.int32)]))
+        finally:
+            if hit:
+                self.prefix.unpin(hit.entry)
 
     async def _release(self, req: Request) -> None:
-        await self.push.send_multipart(wire.encode("release", {"req": req.wire_id}))
+        """Free the request on every stage; unless it failed, each stage keeps
+        its state in the prefix cache for a later request with the same start."""
+        header = {"req": req.wire_id}
+        if req.finish_reason != "error" and (keep := self.prefix.finish(req.prompt + req.tokens)):
+            header["keep"] = keep
+        await self.push.send_multipart(wire.encode("release", header))
+
+    async def _drop_prefixes(self, entries: list[str] | None) -> None:
+        """Every stage forgets these prefix cache entries (None: all it holds),
+        in order behind every message sent before."""
+        if entries is None:
+            await self.push.send_multipart(wire.encode("drop", {"all": True}))
+            return
+        for i in range(0, len(entries), wire.MAX_DROP):
+            await self.push.send_multipart(wire.encode("drop", {"entries": entries[i : i + wire.MAX_DROP]}))
+
+    def _note_restarts(self) -> bool:
+        """Whether a worker answers from another process than before: it holds
+        none of the prefix cache's entries."""
+        restarted = False
+        for name, w in self.worker_state.items():
+            if w.get("up") and (pid := w.get("pid")) is not None:
+                restarted |= self.pids.get(name, pid) != pid
+                self.pids[name] = pid
+        return restarted
 
     async def _receive_loop(self) -> None:
         while True:
@@ -522,13 +574,19 @@ class Engine:
             frames = await self.pull.recv_multipart()
             try:
                 msg = wire.decode(frames)
-                if msg.kind not in ("tokens", "error"):
-                    raise wire.WireError(f"the result socket takes tokens and error messages, got {msg.kind}")
+                if msg.kind not in ("tokens", "error", "kept"):
+                    raise wire.WireError(f"the result socket takes tokens, error and kept messages, got {msg.kind}")
                 if msg.kind == "tokens":
                     wire.check_tokens(msg.header, self.tokenizer.vocab_size)
             except wire.WireError as e:
                 self.metrics["bad_messages"] += 1
                 logger.warning("bad_result_message", error=str(e))
+                continue
+            if msg.kind == "kept":
+                h = msg.header
+                drop = self.prefix.ack(h["entry"], h["worker"], h["length"], h["bytes"], h["trimmable"])
+                if drop:
+                    await self._drop_prefixes(drop)
                 continue
             req = self.requests.get(msg.header["req"])
             if req is None:  # a request already finished or cancelled, or a stranger's id
@@ -538,6 +596,17 @@ class Engine:
                 self._on_tokens(req, msg.header)
             elif msg.kind == "error" and req.paused:
                 logger.warning("error_while_recovering", request_id=req.id, error=msg.header["message"])
+            elif msg.kind == "error" and msg.header.get("code") == "prefix_missing" and not req.no_prefix:
+                # A stage lost entries the index holds (restarted between two
+                # heartbeats): none is trusted now, and this request runs from 0.
+                logger.warning("prefix_missing", request_id=req.id, error=msg.header["message"])
+                logger.warning("prefix_cache_cleared", reason="prefix_missing", entries=len(self.prefix.clear()))
+                await self._drop_prefixes(None)
+                req.no_prefix = True
+                # not awaited here: a replay's control calls must not hold up the results of others
+                replay = asyncio.create_task(self._replay(req))
+                self.replays.add(replay)
+                replay.add_done_callback(self.replays.discard)
             elif msg.kind == "error":
                 req.finish_reason = "error"
                 self.metrics["requests_failed"] += 1

@@ -23,6 +23,7 @@ from . import status
 
 if TYPE_CHECKING:
     from .plan import Plan
+    from .prefixcache import PrefixIndex
 
 TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -95,6 +96,7 @@ class EngineView(Protocol):
     requests: Sized
     waiting: int
     plan: Plan
+    prefix: PrefixIndex
 
 
 def _histogram(name: str, help_text: str, h: Histogram) -> HistogramMetricFamily:
@@ -130,6 +132,18 @@ class _Snapshot(Collector):
             "inter_token_latency_seconds",
             "Between two generated tokens of one request (a run of tokens shares its gap)",
             engine.latency["itl_s"],
+        )
+
+        prefix = engine.prefix.stats()
+        for key, help_text in (
+            ("hits", "Requests that started from the prefix cache"),
+            ("misses", "Requests the prefix cache had nothing for"),
+            ("tokens_reused", "Prompt tokens taken from the prefix cache instead of prefilled"),
+            ("evictions", "Prefix cache entries evicted (least recently used) to stay within a stage's budget"),
+        ):
+            yield CounterMetricFamily(PREFIX + f"prefix_cache_{key}_total", help_text, prefix[key])
+        yield GaugeMetricFamily(
+            PREFIX + "prefix_cache_entries", "Prefix cache entries every stage holds", prefix["entries"]
         )
 
         layers = {s.worker: f"{s.start}-{s.end}" for s in engine.plan.stages}
@@ -175,6 +189,15 @@ class _Snapshot(Collector):
             GaugeMetricFamily, "stage_active_requests", "Requests holding a KV cache on the stage", stat("requests")
         )
         yield per_worker(GaugeMetricFamily, "stage_cache_bytes", "Bytes of KV cache on the stage", stat("cache_bytes"))
+        yield per_worker(
+            GaugeMetricFamily, "prefix_cache_bytes", "Bytes the stage's prefix cache entries hold", stat("prefix_bytes")
+        )
+        yield per_worker(
+            GaugeMetricFamily,
+            "prefix_cache_budget_bytes",
+            "The stage's prefix cache budget",
+            stat("prefix_budget_bytes"),
+        )
         yield per_worker(
             GaugeMetricFamily, "worker_memory_bytes", "Memory the worker's arrays hold", stat("memory_bytes")
         )

@@ -278,11 +278,9 @@ class PrefixIndex:
         return entry_id
 
     def stats(self) -> dict:
-        held = self.bytes_by_worker()
         return {
-            **{f"prefix_{k}": v for k, v in self.counters.items()},
-            "prefix_entries": len(self.entries),
-            "prefix_bytes": max(held.values(), default=0),
-            "prefix_bytes_by_worker": held,
-            "prefix_budget_bytes": dict(self.budgets),
+            **self.counters,
+            "entries": len(self.entries),
+            "bytes_by_worker": self.bytes_by_worker(),
+            "budget_bytes_by_worker": dict(self.budgets),
         }

@@ -22,7 +22,12 @@ logger = log.get_logger()
 def usage(reqs: list[Request]) -> dict:
     prompt = sum(len(r.prompt) for r in reqs[:1])  # every choice reads the same prompt, once
     completion = sum(len(r.tokens) for r in reqs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": reqs[0].cached_tokens if reqs else 0},  # from the prefix cache
+    }
 
 
 async def _events(engine: Engine, req: Request) -> AsyncIterator[Event]:

@@ -524,10 +524,11 @@ class Worker:
         except zmq.Again:
             logger.error("send_timeout", to=what, timeout_ms=SEND_TIMEOUT_MS)
 
-    def _report_error(self, req: str, message: str) -> None:
+    def _report_error(self, req: str, message: str, code: str | None = None) -> None:
         self.counters["stage_errors"] += 1
         logger.warning("stage_error", error=message)
-        self._send(self.report, wire.encode("error", {"req": req, "message": f"{self.me.name}: {message}"}), "report")
+        header = {"req": req, "message": f"{self.me.name}: {message}", **({"code": code} if code else {})}
+        self._send(self.report, wire.encode("error", header), "report")
 
     def handle_data(self, *batch) -> None:
         """Run data messages in waves: each request's messages in arrival
@@ -678,10 +679,12 @@ class Worker:
             if isinstance(result, StageError):
                 self._forget(h["req"])  # its steps still on the ring are dropped quietly
                 log.bind_request(h["req"])
-                self._report_error(h["req"], str(result))
+                self._report_error(h["req"], str(result), result.code)
                 log.bind_request(None)
             elif result.activations is not None:
-                header = {k: h[k] for k in ("req", "seq", "offset", "sample", "params", "stop_at", "eos") if k in h}
+                header = {
+                    k: h[k] for k in ("req", "seq", "offset", "sample", "params", "stop_at", "eos", "prefix") if k in h
+                }
                 tensors = [result.activations, *result.extra]  # + attention-residual blocks (Kimi K3)
                 self._send(self.next, wire.encode("forward", header, tensors), "next")
             elif result.token is not None and not self.ring.deliver(h, m.tensors[0].shape[1], result):

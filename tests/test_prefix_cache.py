@@ -89,10 +89,10 @@ def test_a_cache_hit_gives_mlx_lm_output_on_two_stages_and_shows_everywhere(clus
     with urllib.request.urlopen(cluster.api + "/metrics", timeout=30) as r:
         text = r.read().decode()
     for name in (
-        "kimizmq_prefix_cache_hits_total",
-        "kimizmq_prefix_cache_tokens_reused_total",
-        "kimizmq_prefix_cache_evictions_total",
-        "kimizmq_prefix_cache_bytes",
+        "kimi_prefix_cache_hits_total",
+        "kimi_prefix_cache_tokens_reused_total",
+        "kimi_prefix_cache_evictions_total",
+        "kimi_prefix_cache_bytes",
     ):
         assert name in text, name
 

@@ -42,7 +42,7 @@ def test_the_longest_shared_prefix_is_used_and_the_last_token_always_computed():
     assert index.lookup(turn1).length == 19
     # nothing in common
     assert index.lookup([1, 2, 3]) is None
-    assert index.stats()["prefix_hits"] == 3 and index.stats()["prefix_misses"] == 1
+    assert index.stats()["hits"] == 3 and index.stats()["misses"] == 1
 
 
 def test_an_entry_is_usable_only_once_every_stage_kept_it():
@@ -89,7 +89,7 @@ def test_least_recently_used_entries_go_when_any_stage_is_over_budget():
     fourth, drop = kept(index, list(range(300, 310)))
     assert drop == [second]  # a's budget holds three
     assert set(index.entries) == {first, third, fourth}
-    assert index.stats()["prefix_evictions"] == 1
+    assert index.stats()["evictions"] == 1
     assert index.bytes_by_worker()["a"] <= 3 * MB
 
 
