@@ -24,6 +24,7 @@ import json
 import shutil
 import tempfile
 from base64 import b64encode
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -291,6 +292,15 @@ def _fp8(w: mx.array) -> dict[str, mx.array]:
 FP8_LINEARS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def _experts_one_by_one(params: dict, p: str) -> Iterator[tuple[str, mx.array]]:
+    """Layer `p`'s routed experts as the published files hold them, one by one:
+    (f"{p}.mlp.experts.{e}.{proj}", weight), popped from mlx-lm's stacked switch_mlp."""
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        stacked = params.pop(f"{p}.mlp.switch_mlp.{proj}.weight", None)
+        for e in range(0 if stacked is None else stacked.shape[0]):
+            yield f"{p}.mlp.experts.{e}.{proj}", stacked[e]
+
+
 def _published_fp8(params: dict, config: dict) -> dict[str, mx.array]:
     """Kimi-K2-Instruct's FP8 files: every Linear of the decoder layers in
     e4m3 blocks, experts one by one; router, norms, embeddings, lm_head bf16."""
@@ -298,10 +308,8 @@ def _published_fp8(params: dict, config: dict) -> dict[str, mx.array]:
     for layer in range(config["num_hidden_layers"]):
         p = f"model.layers.{layer}"
         params[f"{p}.self_attn.kv_b_proj.weight"] = _kv_b_proj(params, f"{p}.self_attn")
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            stacked = params.pop(f"{p}.mlp.switch_mlp.{proj}.weight", None)
-            for e in range(0 if stacked is None else stacked.shape[0]):
-                params[f"{p}.mlp.experts.{e}.{proj}.weight"] = stacked[e]
+        for base, w in list(_experts_one_by_one(params, p)):
+            params[f"{base}.weight"] = w
     for name in [n for n in params if n.startswith("model.layers.") and n.endswith(".weight")]:
         if name.rsplit(".", 2)[-2] in FP8_LINEARS:
             base = name.removesuffix(".weight")
@@ -347,13 +355,8 @@ def _published_k2(params: dict, config: dict, prefix: str) -> dict[str, mx.array
     for layer in range(text["num_hidden_layers"]):
         p = f"{prefix}model.layers.{layer}"
         out[f"{p}.self_attn.kv_b_proj.weight"] = _kv_b_proj(params, f"{p}.self_attn")
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            stacked = params.pop(f"{p}.mlp.switch_mlp.{proj}.weight", None)
-            if stacked is None:
-                continue
-            for e in range(stacked.shape[0]):
-                for k, v in _int4(stacked[e]).items():
-                    out[f"{p}.mlp.experts.{e}.{proj}.{k}"] = v
+        for base, w in _experts_one_by_one(params, p):
+            out.update({f"{base}.{k}": v for k, v in _int4(w).items()})
     return out
 
 
