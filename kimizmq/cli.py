@@ -434,7 +434,12 @@ def format_status(report: dict) -> str:
         )
     else:
         head = f"coordinator {c.get('address')}: down ({c.get('error')}); the workers answered directly:"
-    table = [["WORKER", "ADDRESS", "STATE", "LAYERS", "MEMORY", "LOAD", "TOK/S", "HEARTBEAT"]]
+    if prefix := c.get("prefix_cache"):
+        head += (
+            f"\nprefix cache: {prefix['hits']} hits, {prefix['misses']} misses, {prefix['tokens_reused']} prompt "
+            f"tokens reused, {prefix['entries']} entries, {prefix['evictions']} evicted"
+        )
+    table = [["WORKER", "ADDRESS", "STATE", "LAYERS", "MEMORY", "PREFIX CACHE", "LOAD", "TOK/S", "HEARTBEAT"]]
     notes = []
     for w in report["workers"]:
         layers = w.get("layers")
@@ -447,6 +452,7 @@ def format_status(report: dict) -> str:
                 str(w.get("state", "unknown")),
                 f"[{layers[0]}, {layers[1]})" if layers else "-",
                 f"{_size(w.get('memory_bytes'))} / {_size(w.get('memory_total_bytes'))}",
+                f"{_size(w.get('prefix_bytes'))} / {_size(w.get('prefix_budget_bytes'))}",
                 _load(w),
                 f"{rate:.1f}" if rate is not None else "-",
                 f"{max(time.time() - seen, 0):.1f} s ago" if seen else "-",
@@ -463,8 +469,8 @@ def format_status(report: dict) -> str:
 def status_command(config_path, as_json):
     """Show the state of the coordinator and of every worker.
 
-    One row per worker: address, state, layers, memory used and total, load
-    progress, tokens/s, last heartbeat. Asks the coordinator; when it is down,
+    One row per worker: address, state, layers, memory used and total, the
+    prefix cache's bytes and budget, load progress, tokens/s, last heartbeat. Asks the coordinator; when it is down,
     asks every worker directly. Exits 1 unless the cluster is ready."""
     cfg = _config(config_path)
     report = asyncio.run(cluster_status(cfg))

@@ -98,6 +98,7 @@ class Request:
     progress_at: float = field(default_factory=time.monotonic)  # when a stage last moved it on
     cached_tokens: int = 0  # prompt tokens the stages took from the prefix cache
     no_prefix: bool = False  # a stage lacked the entry it named: run from the start
+    prefix_entry: str | None = None  # the prefix cache entry its prompt started from
 
     @property
     def wire_id(self) -> str:
@@ -517,6 +518,7 @@ class Engine:
             hit = self.prefix.lookup(ids)
         begin = hit.length if hit else 0
         req.cached_tokens = min(begin, len(req.prompt))
+        req.prefix_entry = hit.entry if hit else None
         if hit:
             self.prefix.pin(hit.entry)  # no drop may overtake the chunk that names it
             logger.info("prefix_cache_hit", entry=hit.entry, tokens=hit.length, of=len(ids))
@@ -542,8 +544,14 @@ class Engine:
         """Free the request on every stage; unless it failed, each stage keeps
         its state in the prefix cache for a later request with the same start."""
         header = {"req": req.wire_id}
-        if req.finish_reason != "error" and (keep := self.prefix.finish(req.prompt + req.tokens)):
-            header["keep"] = keep
+        if req.finish_reason != "error" and req.tokens:
+            # Every stage has run each token but the last: the ring fed them all
+            # on, and a later one came back. What a cancelled prefill ran is not kept.
+            keep, drop = self.prefix.finish(req.prompt + req.tokens[:-1])
+            if drop:  # ahead of the release: the stages make room before they keep it
+                await self._drop_prefixes(drop)
+            if keep is not None:
+                header["keep"] = keep
         await self.push.send_multipart(wire.encode("release", header))
 
     async def _drop_prefixes(self, entries: list[str] | None) -> None:
@@ -597,11 +605,11 @@ class Engine:
             elif msg.kind == "error" and req.paused:
                 logger.warning("error_while_recovering", request_id=req.id, error=msg.header["message"])
             elif msg.kind == "error" and msg.header.get("code") == "prefix_missing" and not req.no_prefix:
-                # A stage lost entries the index holds (restarted between two
-                # heartbeats): none is trusted now, and this request runs from 0.
-                logger.warning("prefix_missing", request_id=req.id, error=msg.header["message"])
-                logger.warning("prefix_cache_cleared", reason="prefix_missing", entries=len(self.prefix.clear()))
-                await self._drop_prefixes(None)
+                # A stage lacks the entry the request named (it could not keep
+                # it, or restarted between two heartbeats): it runs from 0.
+                logger.warning("prefix_missing", request_id=req.id, entry=req.prefix_entry, error=msg.header["message"])
+                if drop := self.prefix.forget(req.prefix_entry):
+                    await self._drop_prefixes(drop)
                 req.no_prefix = True
                 # not awaited here: a replay's control calls must not hold up the results of others
                 replay = asyncio.create_task(self._replay(req))

@@ -3,19 +3,22 @@ request starting with the same tokens prefills only the rest.
 
 The coordinator owns the index (`PrefixIndex`): which tokens each entry
 holds, its LRU order and every stage's byte budget. Each stage keeps its part
-of every entry (`PrefixStore`) under the coordinator's entry id. An entry is
-used only once every stage has reported it kept, and evicted on every stage
-at once, so all stages use the same prefix length for a request or none does.
+of every entry (`PrefixStore`) under the coordinator's entry id. Entries are
+named, used and evicted by the coordinator on every stage at once, so all
+stages use the same prefix length for a request or none does: a stage that
+lacks an entry fails the request's first chunk, and the request runs again
+from 0 everywhere.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, KVCache, PromptTrie
 
 _TRIE_MODEL = "model"  # PromptTrie keys its tries by model; the coordinator serves one
@@ -33,6 +36,19 @@ def clone_state(cache: list, length: int) -> list:
             out.append(ArraysCache.from_state(([a if a is None else a[...] for a in c.cache], None, None)))
         else:
             raise TypeError(f"the prefix cache cannot keep a {type(c).__name__}")
+    return out
+
+
+def compact(cache: list, length: int) -> list:
+    """`cache` holding exactly its first `length` tokens: a KV cache's buffers
+    grow in steps of 256 tokens, and an entry should cost what it holds."""
+    out = []
+    for layer in cache:
+        if isinstance(layer, KVCache) and layer.keys is not None and layer.keys.shape[2] > length:
+            keys, values = mx.contiguous(layer.keys[..., :length, :]), mx.contiguous(layer.values[..., :length, :])
+            layer = KVCache.from_state((keys, values, length))  # noqa: PLW2901 - the compact copy replaces it
+        out.append(layer)
+    mx.eval([a for c in out for a in ((c.keys, c.values) if isinstance(c, KVCache) else c.cache) if a is not None])
     return out
 
 
@@ -59,21 +75,32 @@ class PrefixMissing(LookupError):
 
 class PrefixStore:
     """One stage's parts of the prefix cache's entries, by entry id. It evicts
-    nothing on its own: the coordinator drops entries on every stage at once."""
+    nothing on its own (the coordinator drops entries on every stage at once,
+    before it asks for a new one where that would not fit) and never holds
+    more than its budget: an entry that does not fit is not kept."""
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
         self.entries: dict[str, Kept] = {}
         self.nbytes = 0
-        self.counters = {"prefix_hits": 0, "prefix_tokens_reused": 0, "prefix_kept": 0, "prefix_dropped": 0}
+        self.counters = {
+            "prefix_hits": 0,
+            "prefix_tokens_reused": 0,
+            "prefix_kept": 0,
+            "prefix_refused": 0,
+            "prefix_dropped": 0,
+        }
 
     def keep(self, entry: str, cache: list, length: int) -> Kept | None:
-        """Keep a finished request's state; None if it is empty or alone
-        larger than the whole budget."""
-        nbytes = sum(c.nbytes for c in cache)
-        if length <= 0 or nbytes > self.budget_bytes:
+        """Keep a finished request's state; None if it is empty or does not
+        fit in what the budget leaves."""
+        if length <= 0:
             return None
-        self.drop([entry])
+        cache = compact(cache, length)
+        nbytes = sum(c.nbytes for c in cache)
+        if self.nbytes + nbytes > self.budget_bytes:
+            self.counters["prefix_refused"] += 1
+            return None
         kept = self.entries[entry] = Kept(cache, length, nbytes, trimmable(cache))
         self.nbytes += nbytes
         self.counters["prefix_kept"] += 1
@@ -113,13 +140,17 @@ class PrefixStore:
 @dataclass
 class Entry:
     id: str
-    tokens: list[int]
-    acks: dict[str, tuple[int, int, bool]] = field(default_factory=dict)  # worker -> (length, bytes, trimmable)
-    length: int = 0  # tokens usable on every stage, once complete
+    tokens: list[int]  # the prefix every stage holds (at least)
     trimmable: bool = True
+    estimate: dict[str, int] = field(default_factory=dict)  # worker -> bytes expected, until it reports
+    acks: dict[str, tuple[int, int]] = field(default_factory=dict)  # worker -> (length, bytes) it kept
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
 
     def bytes_on(self, worker: str) -> int:
-        return self.acks[worker][1] if worker in self.acks else 0
+        return self.acks[worker][1] if worker in self.acks else self.estimate.get(worker, 0)
 
 
 @dataclass
@@ -129,20 +160,23 @@ class Hit:
 
 
 class PrefixIndex:
-    """Which token prefixes every stage holds, LRU within each stage's byte
-    budget. `lookup` finds the longest usable prefix (mlx-lm's PromptTrie);
-    `finish` names a finished request's state for the stages to keep; `ack`
-    takes each stage's report and says what to drop everywhere."""
+    """Which token prefixes the stages hold, LRU within each stage's byte
+    budget. `finish` names a finished request's state for the stages to keep;
+    it is usable at once, as every stage receives the release that keeps it
+    before the chunk of a later request that names it (one PUSH/PULL path, in
+    order); a stage that could not keep it answers that chunk with an error
+    and the request runs from 0 on every stage. `lookup` finds the longest
+    usable prefix (mlx-lm's PromptTrie); `ack` takes each stage's report."""
 
     def __init__(self, budgets: dict[str, int]):
         self.budgets = budgets  # worker -> bytes; every worker is a stage
         self.trie = PromptTrie()
-        self.entries: OrderedDict[str, Entry] = OrderedDict()  # usable, least recently used first
-        self.pending: dict[str, Entry] = {}  # waiting for every stage's report
+        self.entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
         self.pinned: dict[str, int] = {}  # entries a request named that is not yet on the wire
+        self.per_token: dict[str, float] = {}  # worker -> the most bytes per token an entry took there
+        self.can_trim = True  # until a stage reports a state that cannot be cut shorter
         self._ids = (f"p{secrets.token_hex(3)}-{i}" for i in itertools.count())
         self.counters = {"hits": 0, "misses": 0, "tokens_reused": 0, "evictions": 0, "entries_kept": 0}
-        self.started = time.monotonic()
 
     @property
     def enabled(self) -> bool:
@@ -193,76 +227,81 @@ class PrefixIndex:
         else:
             self.pinned.pop(entry, None)
 
-    def finish(self, tokens: list[int]) -> str | None:
-        """An entry id for a finished request whose stages hold `tokens` (or
-        a part of them): its release asks each stage to keep its state."""
+    def finish(self, tokens: list[int]) -> tuple[str | None, list[str]]:
+        """A finished request every stage has run `tokens` of (at least): an
+        entry id for its release to keep, or None; and the entries every stage
+        must drop first, to make room for it or because it replaces them."""
         if not self.enabled or len(tokens) < 2:
-            return None
-        entry = Entry(next(self._ids), list(tokens))
-        self.pending[entry.id] = entry
-        return entry.id
-
-    # -- the stages' reports ----------------------------------------------------
-
-    def ack(self, entry_id: str, worker: str, length: int, nbytes: int, can_trim: bool) -> list[str]:
-        """A stage's report on a kept entry; the entries to drop everywhere."""
-        entry = self.pending.get(entry_id)
-        if entry is None or worker not in self.budgets:
-            return [entry_id] if entry_id not in self.entries else []
-        entry.acks[worker] = (length, nbytes, can_trim)
-        if length <= 0:  # a stage did not keep it: nobody may use it
-            del self.pending[entry_id]
-            return [entry_id]
-        if len(entry.acks) < len(self.budgets):
-            return self._evict()
-        del self.pending[entry_id]
-        lengths = [a[0] for a in entry.acks.values()]
-        entry.trimmable = all(a[2] for a in entry.acks.values())
-        entry.length = min(*lengths, len(entry.tokens))
-        if not entry.trimmable and len(set(lengths)) > 1:
-            return [entry_id]  # recurrent states of different lengths: no common prefix
-        entry.tokens = entry.tokens[: entry.length]
+            return None, []
+        estimate = {w: math.ceil(len(tokens) * r) for w, r in self.per_token.items()}
+        if any(estimate.get(w, 0) > b for w, b in self.budgets.items()):
+            return None, []  # larger than a whole budget
         drop = []
-        old = self.trie.search(_TRIE_MODEL, entry.tokens).exact
-        if old is not None:  # the same tokens again: keep one of them
-            older = self.trie.get(_TRIE_MODEL, old)
+        same = self.trie.search(_TRIE_MODEL, tokens).exact
+        if same is not None:  # the same tokens again: this one replaces it
+            older = self.trie.get(_TRIE_MODEL, same)
             if older in self.pinned:
-                return [entry_id]
+                return None, []
             drop.append(self._remove(older))
+        entry = Entry(next(self._ids), list(tokens), trimmable=self.can_trim, estimate=estimate)
         self.trie.add(_TRIE_MODEL, entry.tokens, entry.id)
+        self.entries[entry.id] = entry
         if entry.trimmable:  # entries that are prefixes of this one only take room
             for _, older in self.trie.pop_prefixes(_TRIE_MODEL, entry.tokens):
                 if older in self.pinned:
                     self.trie.add(_TRIE_MODEL, self.entries[older].tokens, older)
                 else:
                     drop.append(self._remove(older, in_trie=False))
-        self.entries[entry.id] = entry
+        drop += self._evict(keep=entry.id)
+        held = self.bytes_by_worker()
+        if any(held[w] > b for w, b in self.budgets.items()):  # the rest is pinned: no room now
+            self._remove(entry.id)
+            return None, drop
         self.counters["entries_kept"] += 1
-        return drop + self._evict()
+        return entry.id, drop
+
+    def forget(self, entry_id: str) -> list[str]:
+        """A stage lacks the entry (a chunk naming it failed there): nobody may use it."""
+        return [self._remove(entry_id)] if entry_id in self.entries else []
+
+    # -- the stages' reports ----------------------------------------------------
+
+    def ack(self, entry_id: str, worker: str, length: int, nbytes: int, can_trim: bool) -> list[str]:
+        """A stage's report on an entry it was asked to keep; the entries to drop everywhere."""
+        entry = self.entries.get(entry_id)
+        if entry is None or worker not in self.budgets:
+            return [entry_id] if length > 0 else []  # dropped meanwhile (or a stranger's): not kept
+        if length > 0:
+            self.per_token[worker] = max(self.per_token.get(worker, 0.0), nbytes / length)
+            self.can_trim &= can_trim
+            entry.trimmable &= can_trim
+        if length < entry.length or (not can_trim and length != entry.length):
+            return [self._remove(entry_id)]  # it could not keep what the others will use
+        entry.acks[worker] = (length, nbytes)
+        return self._evict()
 
     def clear(self) -> list[str]:
         """Forget every entry (a stage restarted and holds none): the ids to
         drop on the stages that still hold them."""
-        ids = [*self.entries, *self.pending]
+        ids = list(self.entries)
         self.entries.clear()
-        self.pending.clear()
         self.trie = PromptTrie()
         return ids
 
     # -- budget -----------------------------------------------------------------
 
     def bytes_by_worker(self) -> dict[str, int]:
-        everything = [*self.entries.values(), *self.pending.values()]
-        return {w: sum(e.bytes_on(w) for e in everything) for w in self.budgets}
+        return {w: sum(e.bytes_on(w) for e in self.entries.values()) for w in self.budgets}
 
-    def _evict(self) -> list[str]:
-        """Least recently used entries until every stage is within its budget."""
+    def _evict(self, keep: str | None = None) -> list[str]:
+        """Least recently used entries (not `keep`, not pinned) until every
+        stage is within its budget."""
         held = self.bytes_by_worker()
         drop = []
         for entry_id in list(self.entries):
             if all(held[w] <= b for w, b in self.budgets.items()):
                 break
-            if entry_id in self.pinned:
+            if entry_id in self.pinned or entry_id == keep:
                 continue
             entry = self.entries[entry_id]
             for w in held:

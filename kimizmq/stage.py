@@ -287,10 +287,8 @@ class Stage:
             return self.shard.make_cache()
         try:
             return self.prefix.take(*step.prefix)
-        except PrefixMissing as e:
+        except (PrefixMissing, ValueError) as e:  # the coordinator runs the request again from 0
             raise StageError(str(e), code="prefix_missing") from None
-        except ValueError as e:
-            raise StageError(str(e)) from None
 
     def _done(self, state: RequestState, length: int, t0: float) -> None:
         self.compute_s += time.perf_counter() - t0

@@ -77,6 +77,10 @@ def worker_row(w: dict, cfg: WorkerConfig, layers: list[int] | None = None, rate
         "memory_total_bytes": int(cfg.memory_gb * GIB),
         "weight_bytes": w.get("weight_bytes"),
         "cache_bytes": w.get("cache_bytes"),
+        "prefix_entries": w.get("prefix_entries"),  # the prefix cache's entries on this stage
+        "prefix_bytes": w.get("prefix_bytes"),
+        "prefix_budget_bytes": w.get("prefix_budget_bytes"),
+        "prefix_hits": w.get("prefix_hits"),
         "tokens_per_s": rate,
         "last_seen": w.get("last_seen") or w.get("time"),  # while loading: the worker's time of its answer
         "pid": w.get("pid"),

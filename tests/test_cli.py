@@ -95,9 +95,23 @@ def test_status_shows_every_worker_and_the_coordinator(cluster, client):
     cfg = str(cluster.config_path)
     code, out = kimi("status", "--config", cfg)
     assert code == 0, out
-    head, table, *rows = out.splitlines()
+    head, prefix, table, *rows = out.splitlines()
     assert head.startswith(f"coordinator 127.0.0.1:{cluster.cfg.coordinator.api_port}: ready (model {MODEL}")
-    assert table.split() == ["WORKER", "ADDRESS", "STATE", "LAYERS", "MEMORY", "LOAD", "TOK/S", "HEARTBEAT"]
+    assert re.fullmatch(
+        r"prefix cache: \d+ hits, \d+ misses, \d+ prompt tokens reused, \d+ entries, \d+ evicted", prefix
+    )
+    assert table.split() == [
+        "WORKER",
+        "ADDRESS",
+        "STATE",
+        "LAYERS",
+        "MEMORY",
+        "PREFIX",
+        "CACHE",
+        "LOAD",
+        "TOK/S",
+        "HEARTBEAT",
+    ]
     assert [r.split()[:3] for r in rows] == [
         ["w0", cluster.cfg.worker("w0").control_address.removeprefix("tcp://"), "ready"],
         ["w1", cluster.cfg.worker("w1").control_address.removeprefix("tcp://"), "ready"],
@@ -108,15 +122,18 @@ def test_status_shows_every_worker_and_the_coordinator(cluster, client):
     # The workers' counters reach the coordinator once a heartbeat, apart from liveness, and a rate
     # needs two of them: generate and look again until every worker has one (or the deadline).
     deadline = time.monotonic() + 60
+    client.completions.create(model=MODEL, prompt="hi there", max_tokens=4)  # the loop's prompt starts from it
     while True:
-        client.completions.create(model=MODEL, prompt="hi", max_tokens=60, extra_body={"ignore_eos": True})
+        client.completions.create(model=MODEL, prompt="hi there", max_tokens=60, extra_body={"ignore_eos": True})
         code, out = kimi("status", "--config", cfg, "--json")
         report = json.loads(out)
         if all(w["tokens_per_s"] for w in report["workers"]) or time.monotonic() > deadline:
             break
     assert code == 0 and report["coordinator"]["state"] == "ready" and report["coordinator"]["tokens_per_s"] > 0
+    assert report["coordinator"]["prefix_cache"]["hits"] > 0  # "hi there" again and again
     for w in report["workers"]:
         assert w["state"] == "ready" and w["up"] and w["tokens_per_s"] > 0
+        assert 0 < w["prefix_bytes"] <= w["prefix_budget_bytes"] and w["prefix_hits"] > 0
         assert w["memory_bytes"] > 0 and w["progress"]["done_bytes"] == w["progress"]["total_bytes"]
         assert time.time() - w["last_seen"] < 30
 

@@ -103,6 +103,24 @@ def test_chat_answers_in_readable_english(cluster):
     assert choice["finish_reason"] == "stop"
 
 
+def test_a_second_chat_turn_prefills_only_what_is_new(cluster, tok, template):
+    """A chat client sends the whole conversation again: the first turn's
+    prompt and answer come from the prefix cache, and the answer is still the
+    one single-process mlx-lm gives for the whole second prompt."""
+    first = [{"role": "user", "content": HELLO}]
+    answer = chat(cluster, first)["message"]["content"]
+    second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "What can you do?"}]
+    body = {"model": DEMO_MODEL_NAME, "messages": second, "max_tokens": 48, "temperature": 0}
+    status, out = post_json(cluster.api, "/v1/chat/completions", body)
+    assert status == 200, out
+    prompt = encode_chat(tok, template, second)
+    assert out["usage"]["prompt_tokens"] == len(prompt)
+    cached = out["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert len(encode_chat(tok, template, first)) <= cached < len(prompt)
+    ref_tokens, _ = reference_greedy(DEMO_MODEL, prompt, out["usage"]["completion_tokens"])
+    assert tok.decode(ref_tokens).removesuffix("<|im_end|>") == out["choices"][0]["message"]["content"]
+
+
 def test_a_tool_call_prompt_yields_the_models_own_kimi_tool_call(cluster, tok, template):
     """The prompt declares get_weather; the model answers with a tool call in
     Kimi-K2's format, its own tokens as single-process mlx-lm gives them, and

@@ -172,10 +172,10 @@ def test_a_request_begun_from_the_cache_survives_a_kill_9_and_the_index_refills(
 
 
 def test_entries_are_evicted_within_the_budget_and_a_miss_is_still_exact(tiny_model, tmp_path):
-    """A budget of a few entries, many conversations: every stage stays within
+    """A budget of a few entries (1 MiB; one here takes about 0.3 MiB on w0), many conversations: every stage stays within
     it, the coordinator evicts least recently used entries, and a conversation
     whose entry was evicted runs from the start, exactly."""
-    cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2, runtime={"prefix_cache_gb": 8 / 1024})
+    cfg = write_config(tmp_path / "kimi.toml", tiny_model, 2, runtime={"prefix_cache_gb": 1 / 1024})
     with LocalCluster(cfg) as cluster:
         first_second = FIRST + turn(cluster.api, FIRST)[0] + USER
         for k in range(12):
