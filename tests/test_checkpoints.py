@@ -33,7 +33,7 @@ from kimizmq.testlayouts import (
 )
 from kimizmq.tokenizer import load_tokenizer
 from tests.conftest import REPO
-from tests.support import complete_ids, greedy_body, log_events, open_stream, wait_until, worker_stats
+from tests.support import complete_ids, greedy_body, log_events, open_stream, post_json, wait_until, worker_stats
 from tests.test_pipeline import reference_greedy
 
 N_TOKENS = 24
@@ -154,6 +154,32 @@ def test_k3_concurrent_requests_batch_recurrent_states_exactly(k3_model, tmp_pat
     batched = {n: s["batched_forwards"] - before[n]["batched_forwards"] for n, s in after.items()}
     assert any(b > 0 for b in batched.values()), f"no step was batched: {batched}"
     assert all(s["active_requests"] == [] and s["cache_bytes"] == 0 for s in after.values()), after
+
+
+def test_k3_recurrent_states_start_a_later_turn_only_at_their_whole_length(k3_model, tmp_path):
+    """K3's linear-attention layers hold a recurrent state that cannot be cut
+    shorter: a turn that extends the whole conversation starts from the prefix
+    cache; one that diverges inside it runs from 0; both equal mlx-lm."""
+
+    def turn(api: str, prompt: list[int]) -> tuple[list[int], list[float], int]:
+        status, out = post_json(api, "/v1/completions", greedy_body(prompt, 8))
+        assert status == 200, out
+        lp = out["choices"][0]["logprobs"]
+        return lp["token_ids"], lp["token_logprobs"], out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    cfg = write_config(tmp_path / "kimi.toml", k3_model, 2, layers=[(0, 4), (4, K3_LAYERS)])
+    with LocalCluster(cfg) as cluster:
+        first, _, _ = turn(cluster.api, PROMPT)
+        second = PROMPT + first + PROMPT[:9]
+        tokens, logprobs, cached = turn(cluster.api, second)
+        assert cached == len(PROMPT) + len(first) - 1
+        diverging = PROMPT[:10] + [7, 8, 9]
+        tokens2, logprobs2, cached2 = turn(cluster.api, diverging)
+        assert cached2 == 0
+    for prompt, got, lps in ((second, tokens, logprobs), (diverging, tokens2, logprobs2)):
+        ref_tokens, ref_logprobs = reference_greedy(k3_model, prompt, 8)
+        assert got == ref_tokens
+        np.testing.assert_allclose(lps, ref_logprobs, rtol=1e-4, atol=1e-5)
 
 
 def test_k3_stage_refuses_missing_or_misshapen_residual_blocks(k3_model):
