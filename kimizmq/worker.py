@@ -536,8 +536,7 @@ class Worker:
         forwards of a wave go to the stage together, so the first prompt chunks
         of prompts that arrived together are one batched pass, as are decode
         steps of requests in flight together."""
-        queues: dict[str, list[wire.Message]] = {}
-        drops: list[list[str] | None] = []
+        segment: list[wire.Message] = []
         for frames in batch:
             try:
                 msg = frames if isinstance(frames, wire.Message) else wire.decode(frames)
@@ -547,7 +546,12 @@ class Worker:
                 continue
             try:
                 if msg.kind == "drop":
-                    drops.append(wire.check_drop(msg.header))
+                    # In order: what came before it still finds its entries, and
+                    # the release it makes room for (behind it) finds the room.
+                    entries = wire.check_drop(msg.header)
+                    self._run_round(segment)
+                    segment = []
+                    self._drop_prefixes(entries)
                     continue
                 if msg.kind not in ("forward", "release"):
                     raise wire.WireError(f"unexpected kind {msg.kind} on the data socket")
@@ -560,6 +564,12 @@ class Worker:
                     self._forget(msg.header["req"])
                     self._report_error(msg.header["req"], str(e))
                 continue
+            segment.append(msg)
+        self._run_round(segment)
+
+    def _run_round(self, msgs: list[wire.Message]) -> None:
+        queues: dict[str, list[wire.Message]] = {}
+        for msg in msgs:
             queues.setdefault(msg.header["req"], []).append(msg)
         # Releases first: they free room before this round admits anyone, and
         # whatever else the batch holds for a released request is dead.
@@ -576,9 +586,6 @@ class Worker:
             self.counters["split_waves"] += len(parts) > 1
             for part in parts:
                 self._forward(part)
-        # Drops last: a forward that came before a drop still finds its entry.
-        for entries in drops:
-            self._drop_prefixes(entries)
 
     def _release(self, req: str, keep: str | None = None) -> None:
         log.bind_request(req)

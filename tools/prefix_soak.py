@@ -77,6 +77,7 @@ def sample(cluster: LocalCluster, at: float) -> dict:
             "prefix_bytes": s["prefix_bytes"],
             "prefix_budget_bytes": s["prefix_budget_bytes"],
             "prefix_entries": s["prefix_entries"],
+            "prefix_refused": s["prefix_refused"],  # entries it could not keep (no room)
             "cache_bytes": s["cache_bytes"],
         }
     row["coordinator"] = cluster.health()[1]["coordinator"]["prefix_cache"]
@@ -110,6 +111,7 @@ def soak(minutes: float, clients: int, budget_mib: float) -> dict:
             "budget_mib": round(rows[-1]["prefix_budget_bytes"] / 2**20, 2),
             "most_held_mib": round(max(r["prefix_bytes"] for r in rows) / 2**20, 2),
             "over_budget_samples": sum(r["prefix_bytes"] > r["prefix_budget_bytes"] for r in rows),
+            "refused": rows[-1]["prefix_refused"],
             "rss_mib_after_warmup": warm[0]["rss_mib"],
             "rss_mib_max": max(r["rss_mib"] for r in warm),
             "rss_mib_end": rows[-1]["rss_mib"],
@@ -139,10 +141,10 @@ def main() -> None:
         f"{report['cached_tokens']} of {report['prompt_tokens']} prompt tokens from the cache; "
         f"{c['hits']} hits, {c['misses']} misses, {c['evictions']} evictions"
     )
-    print("worker  budget MiB  most held MiB  samples over budget  RSS MiB after warm-up / max / end")
+    print("worker  budget MiB  most held MiB  samples over budget  refused  RSS MiB after warm-up / max / end")
     for name, w in report["workers"].items():
         print(
-            f"{name:<7} {w['budget_mib']:>10} {w['most_held_mib']:>14} {w['over_budget_samples']:>20}  "
+            f"{name:<7} {w['budget_mib']:>10} {w['most_held_mib']:>14} {w['over_budget_samples']:>20} {w['refused']:>8}  "
             f"{w['rss_mib_after_warmup']} / {w['rss_mib_max']} / {w['rss_mib_end']}"
         )
     print(f"(written to {args.json})")
