@@ -28,7 +28,6 @@ long, repeat: loading shares the loop (and its thread, as MLX wants).
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import signal
@@ -42,7 +41,7 @@ import mlx.core as mx
 import zmq
 
 from . import log, security, wire
-from .batching import MAX_BATCH, PARTNER_WAIT_S, admit, micro_batches, opens, partners_missing
+from .batching import admit, drain, micro_batches, opens
 from .config import Config, ConfigError, WorkerConfig, load_config
 from .control import keep_alive
 from .controlthread import ControlThread, split_envelope
@@ -172,7 +171,7 @@ class Worker:
             if self.data in events or self.pending or self.deferred:
                 batch, self.pending = self.pending, []
                 if self.data in events:
-                    batch += self._drain(batch)
+                    batch += drain(self.data, self.stage, batch, self.counters)
                 batch, self.deferred = self.deferred + batch, []  # the waiting first, in order
                 self.handle_data(*batch)
             self.ring.flush()
@@ -207,33 +206,6 @@ class Worker:
                 log.bind_request(req)
                 logger.warning("request_evicted", idle_s=round(now - state.last_used, 1))
                 log.bind_request(None)
-
-    def _drain(self, have: list) -> list:
-        """What is waiting on the data socket, up to MAX_BATCH messages: decode
-        steps of different requests that arrive together run as one batch.
-
-        While a request here ran its last step in a kept batch whose other
-        requests are not here yet (nor in `have`), this waits for them, up to
-        PARTNER_WAIT_S: a round that caught only some would split the batch
-        (smaller passes, and the kept batched caches merged anew)."""
-        batch = [_decoded(self.data.recv_multipart(copy=False))]
-        deadline = None
-        while len(batch) < MAX_BATCH:
-            try:
-                batch.append(_decoded(self.data.recv_multipart(zmq.NOBLOCK, copy=False)))
-                continue
-            except zmq.Again:
-                pass
-            if not partners_missing(self.stage, [*have, *batch]):
-                break
-            if deadline is None:
-                self.counters["partner_waits"] += 1
-                deadline = time.monotonic() + PARTNER_WAIT_S
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.data.poll(max(1, math.ceil(left * 1e3))):
-                self.counters["partner_waits_expired"] += 1
-                break
-        return batch
 
     # -- commands (controlthread.py runs them) ---------------------------------------
 
@@ -571,15 +543,6 @@ class Worker:
             )
             return False
         return True
-
-
-def _decoded(frames) -> wire.Message | list:
-    """A data message decoded, or its frames as they came if they do not decode
-    (handle_data counts and reports those)."""
-    try:
-        return wire.decode(frames)
-    except wire.WireError:
-        return frames
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
