@@ -74,7 +74,7 @@ class Engine:
         self.latency = {"ttft_s": Histogram(TTFT_BUCKETS_S), "itl_s": Histogram(ITL_BUCKETS_S)}
         self.prefix = PrefixIndex({s.worker: s.prefix_cache_bytes for s in plan.stages})
         self.replays: set[asyncio.Task] = set()  # replays the receive loop started
-        self.watch = Liveness(self)
+        self.liveness = Liveness(self)
 
     # -- start and stop -------------------------------------------------------------
 
@@ -172,7 +172,7 @@ class Engine:
             for wire_id in stats.get("active_requests", []):
                 await self.control[name].call("release", {"req": wire_id}, LOAD_CALL_TIMEOUT_S)
                 logger.info("orphan_released", worker=name, wire_id=wire_id)
-        self.watch.note_restarts()
+        self.liveness.note_restarts()
         await self.drop_prefixes(None)  # entries a previous coordinator had them keep
         self.state = "ready"
         logger.info("cluster_ready", stages=[(s.worker, s.start, s.end) for s in self.plan.stages])
@@ -192,8 +192,8 @@ class Engine:
             self.state = "failed"
             logger.error("cluster_load_failed", error=str(e))
             raise
-        self.tasks.append(asyncio.create_task(self.watch.watch_loop()))
-        self.tasks.append(asyncio.create_task(self.watch.stats_loop()))
+        self.tasks.append(asyncio.create_task(self.liveness.watch_loop()))
+        self.tasks.append(asyncio.create_task(self.liveness.stats_loop()))
 
     async def replay(self, req: Request) -> None:
         """Drop what the stages hold of `req` and run it again under a new wire
@@ -236,7 +236,7 @@ class Engine:
         await asyncio.gather(*tasks, return_exceptions=True)
         for c in self.control.values():
             c.close()
-        self.watch.close()
+        self.liveness.close()
         for s in (self.push, self.pull):
             if s is not None:
                 s.close(linger=0)

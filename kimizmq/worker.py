@@ -100,9 +100,9 @@ class Worker:
                 self.curve.server(s)
         self.control.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES)  # commands carry no tensors
         self.links = Links(self.ctx, cfg, self.curve)
-        # owns `control` from here on
-        self.relay = ControlThread(self.ctx, self.control, self, me.name, self.counters)
-        self.commands = self.relay.commands
+        # the control thread owns `control` from here on
+        self.control_thread = ControlThread(self.ctx, self.control, self, me.name, self.counters)
+        self.commands = self.control_thread.commands
         try:
             self.control.bind(me.control_address)
             self.data.bind(me.data_address)
@@ -138,7 +138,7 @@ class Worker:
     # -- lifecycle --------------------------------------------------------------
 
     def close(self) -> None:
-        self.relay.close()
+        self.control_thread.close()
         self.links.close()
         self.data.close(linger=0)
         if self.curve is not None:
@@ -146,7 +146,7 @@ class Worker:
         self.ctx.term()
 
     def run(self) -> None:
-        self.relay.start()
+        self.control_thread.start()
         poller = zmq.Poller()
         poller.register(self.commands, zmq.POLLIN)
         poller.register(self.data, zmq.POLLIN)
@@ -166,7 +166,7 @@ class Worker:
             events = dict(poller.poll(0 if busy else self.ring.poll_ms(POLL_MS)))
             if self.commands in events:
                 envelope, frames = split_envelope(self.commands.recv_multipart())
-                self.commands.send_multipart(envelope + self.relay.answer(frames))
+                self.commands.send_multipart(envelope + self.control_thread.answer(frames))
             self._apply_queued_releases()
             if self.data in events or self.pending or self.deferred:
                 batch, self.pending = self.pending, []
