@@ -4,10 +4,16 @@ into one batch per pipeline stage, and holding a full stage's newcomers back.
 
 Policy over what the stage holds (`Stage.requests`, `Stage.kept`), kept apart
 from the stage's compute (stage.py, which runs whatever it is given) and from
-the daemon's sockets (worker.py, which applies these decisions).
+the daemon's sockets (worker.py, which applies these decisions; `drain` only
+reads what waits on the data socket it is handed).
 """
 
 from __future__ import annotations
+
+import math
+import time
+
+import zmq
 
 from . import log, wire
 from .stage import Stage
@@ -16,6 +22,43 @@ MAX_BATCH = 16  # data messages taken per loop round
 PARTNER_WAIT_S = 0.002  # how long a stage waits for the rest of a kept batch's decode steps
 
 logger = log.get_logger()
+
+
+def drain(data: zmq.Socket, stage: Stage | None, have: list, counters: dict[str, int]) -> list:
+    """What is waiting on the data socket, up to MAX_BATCH messages: decode
+    steps of different requests that arrive together run as one batch.
+
+    While a request here ran its last step in a kept batch whose other
+    requests are not here yet (nor in `have`), this waits for them, up to
+    PARTNER_WAIT_S: a round that caught only some would split the batch
+    (smaller passes, and the kept batched caches merged anew)."""
+    batch = [_decoded(data.recv_multipart(copy=False))]
+    deadline = None
+    while len(batch) < MAX_BATCH:
+        try:
+            batch.append(_decoded(data.recv_multipart(zmq.NOBLOCK, copy=False)))
+            continue
+        except zmq.Again:
+            pass
+        if not partners_missing(stage, [*have, *batch]):
+            break
+        if deadline is None:
+            counters["partner_waits"] += 1
+            deadline = time.monotonic() + PARTNER_WAIT_S
+        left = deadline - time.monotonic()
+        if left <= 0 or not data.poll(max(1, math.ceil(left * 1e3))):
+            counters["partner_waits_expired"] += 1
+            break
+    return batch
+
+
+def _decoded(frames) -> wire.Message | list:
+    """A data message decoded, or its frames as they came if they do not decode
+    (handle_data counts and reports those)."""
+    try:
+        return wire.decode(frames)
+    except wire.WireError:
+        return frames
 
 
 def partners_missing(stage: Stage | None, batch: list) -> bool:

@@ -17,6 +17,7 @@ from . import wire
 from .versions import local_versions, mismatch
 
 DEFAULT_TIMEOUT_S = 5.0
+LOAD_CALL_TIMEOUT_S = 10.0  # a command that loads, reports or releases on a busy worker
 # ZMQ heartbeats and TCP keepalive on long-lived links: a dead peer is noticed
 # and a healed link resumes within seconds, not after TCP's retransmit backoff.
 ZMQ_HEARTBEAT_IVL_MS = 2000

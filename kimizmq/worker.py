@@ -1,10 +1,12 @@
 """kimi-worker: one daemon per Mac, holding one contiguous range of layers.
 
-Sockets (created and configured in `Worker.__init__` and `Worker._connect`):
+Sockets (the inbound ones created and configured in `Worker.__init__`):
   control  ROUTER bound   commands from the coordinator (ping, health, load, ...),
-                          served by their own thread (see below)
+                          served by their own thread (controlthread.py: ping
+                          and health answered even mid-step)
   commands PAIR  inproc   the control thread hands the main loop what it must run
   data     PULL  bound    token ids / activations from the previous stage
+  (links.py: the outgoing ones, connected at every load)
   next     PUSH  connect  activations to the next stage, or tokens to the coordinator
   loop     PUSH  connect  last stage only: each sampled token, straight back to
                           the first stage as the next decode step (a single
@@ -15,28 +17,21 @@ Decode runs around the ring without the coordinator (the last stage's end is
 tokenring.py). The coordinator only streams text, and ends a request early
 (stop string, client gone) by releasing it: steps still on the ring then find
 it gone and are dropped. How arriving messages become batches is batching.py;
-reading the shard is shard.py's ShardLoader, which this loop drives.
+a load (memory check, the shard read a module at a time, the stage built) is
+loading.py, which this loop drives.
 
 The loop reads top to bottom: poll with a timeout, answer a command, apply
 releases, run the waiting data messages, send the runs of tokens that are
 due, read one more module of a load in progress, evict requests idle too
 long, repeat: loading shares the loop (and its thread, as MLX wants).
-
-Busy is not dead: the control socket is served by a thread of its own, which
-answers `ping` and `health` at once, whatever the main loop computes (MLX
-releases the GIL while it evaluates), and says what the loop is doing (which
-requests' step, for how long). Every other command goes to the main loop and
-is answered when it gets to it. Only a worker that does not answer is down.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import signal
 import sys
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Generator
@@ -45,33 +40,28 @@ import click
 import mlx.core as mx
 import zmq
 
-from . import log, security, versions, wire, wired
-from .batching import MAX_BATCH, PARTNER_WAIT_S, admit, micro_batches, opens, partners_missing
-from .checkpoint import CheckpointError
+from . import log, security, wire
+from .batching import admit, drain, micro_batches, opens
 from .config import Config, ConfigError, WorkerConfig, load_config
 from .control import keep_alive
+from .controlthread import ControlThread, split_envelope
+from .links import DATA_HWM, Links
+from .loading import LOAD_ERRORS, load_stage
 from .loadspec import LoadSpec
-from .memory import available_memory_bytes, check_stage_memory
-from .plan import StageAssignment
 from .prefixcache import PrefixStore
-from .shard import ShardError, ShardLoader, compiled_decode
 from .stage import Stage, StageError, Step
-from .tokenring import TOKEN_HWM, TokenRing
+from .tokenring import TokenRing
 from .versions import version_option
 
 POLL_MS = 100
 EVICT_SWEEP_S = 5.0  # how often idle requests are looked for
 LOG_CHUNK_BYTES = 48 * 1024  # of log per `logs` reply: a reply header stays under 64 KiB
-SEND_TIMEOUT_MS = 5000
-DATA_HWM = 64
 # Released, cancelled and finished ids are tombstoned, so anything still on its
 # way for them is dropped at any offset: for TOMBSTONE_S at least (far longer
 # than a message stays queued), and at most MAX_TOMBSTONES of them.
 TOMBSTONE_S = 600.0
 MAX_TOMBSTONES = 1 << 16
 MAX_HEALTH_RELEASES = 1024  # ids one `health` may release
-COMMANDS_ADDRESS = "inproc://commands"
-THREAD_COMMANDS = ("ping", "health")  # answered by the control thread, even mid-step
 
 logger = log.get_logger()
 
@@ -80,54 +70,6 @@ class Worker:
     def __init__(self, cfg: Config, me: WorkerConfig):
         self.cfg = cfg
         self.me = me
-        self.curve = security.Curve.for_daemon(cfg, me.name, peers=(security.COORDINATOR,))
-        self.ctx = zmq.Context()
-        if self.curve is not None:
-            self.curve.start(self.ctx)  # before bind: refused peers never reach the sockets
-        self.control = self.ctx.socket(zmq.ROUTER)
-        self.data = self.ctx.socket(zmq.PULL)
-        for s in (self.control, self.data):
-            s.setsockopt(zmq.LINGER, 0)
-            keep_alive(s, heartbeats=self.curve is None)
-            s.setsockopt(zmq.RCVHWM, DATA_HWM)
-            s.setsockopt(zmq.MAXMSGSIZE, wire.DEFAULT_MAX_TENSOR_BYTES + wire.MAX_HEADER_BYTES)
-            if self.curve is not None:
-                self.curve.server(s)
-        self.control.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES)  # commands carry no tensors
-        self.next: zmq.Socket | None = None
-        self.report: zmq.Socket | None = None
-        self.loop: zmq.Socket | None = None
-        self.commands = self.ctx.socket(zmq.PAIR)  # main loop side
-        self.commands_peer = self.ctx.socket(zmq.PAIR)  # control thread side
-        self.commands.bind(COMMANDS_ADDRESS)
-        self.commands_peer.connect(COMMANDS_ADDRESS)
-        self.control_thread: threading.Thread | None = None
-        self.control_stop = threading.Event()
-        try:
-            self.control.bind(me.control_address)
-            self.data.bind(me.data_address)
-        except zmq.ZMQError:
-            # Leave nothing open: a context with live sockets (or a running ZAP
-            # thread) blocks the interpreter's exit, and the worker hung there.
-            self.close()
-            raise
-        self.connected: dict[str, str] = {}  # "next"/"report"/"loop" -> address
-        self.pending: list[wire.Message] = []  # decode steps a single stage fed itself
-        self.deferred: list[wire.Message] = []  # a full stage's newcomers, waiting their turn
-        self.waiting: set[str] = set()  # their ids
-        self.released: OrderedDict[str, float] = OrderedDict()  # tombstones: id -> when
-        self.to_release: queue.SimpleQueue[str] = queue.SimpleQueue()  # from the control thread
-        # What the main loop computes now (read by the control thread): None or
-        # {"what", "requests", "offsets", "tokens", "since"}.
-        self.doing: dict | None = None
-
-        self.state = "idle"  # idle | loading | ready | error
-        self.error: str | None = None
-        self.spec: LoadSpec | None = None
-        self.stage: Stage | None = None
-        self.progress = {"done_bytes": 0, "total_bytes": 0, "rate_bytes_s": 0.0}
-        self.loader: Generator[None, None, None] | None = None  # a load in progress, run between messages
-        self.started = time.time()
         self.counters = {
             "bad_messages": 0,
             "stage_errors": 0,
@@ -143,7 +85,49 @@ class Worker:
             "partner_waits": 0,  # rounds that waited for the rest of a kept batch
             "partner_waits_expired": 0,  # of those, the rest did not all come in PARTNER_WAIT_S
         }
-        self.ring = TokenRing(cfg.runtime.stream_interval_ms / 1e3, self.counters, self._send, self._to_first)
+        self.curve = security.Curve.for_daemon(cfg, me.name, peers=(security.COORDINATOR,))
+        self.ctx = zmq.Context()
+        if self.curve is not None:
+            self.curve.start(self.ctx)  # before bind: refused peers never reach the sockets
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.data = self.ctx.socket(zmq.PULL)
+        for s in (self.control, self.data):
+            s.setsockopt(zmq.LINGER, 0)
+            keep_alive(s, heartbeats=self.curve is None)
+            s.setsockopt(zmq.RCVHWM, DATA_HWM)
+            s.setsockopt(zmq.MAXMSGSIZE, wire.DEFAULT_MAX_TENSOR_BYTES + wire.MAX_HEADER_BYTES)
+            if self.curve is not None:
+                self.curve.server(s)
+        self.control.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES)  # commands carry no tensors
+        self.links = Links(self.ctx, cfg, self.curve)
+        # the control thread owns `control` from here on
+        self.control_thread = ControlThread(self.ctx, self.control, self, me.name, self.counters)
+        self.commands = self.control_thread.commands
+        try:
+            self.control.bind(me.control_address)
+            self.data.bind(me.data_address)
+        except zmq.ZMQError:
+            # Leave nothing open: a context with live sockets (or a running ZAP
+            # thread) blocks the interpreter's exit, and the worker hung there.
+            self.close()
+            raise
+        self.pending: list[wire.Message] = []  # decode steps a single stage fed itself
+        self.deferred: list[wire.Message] = []  # a full stage's newcomers, waiting their turn
+        self.waiting: set[str] = set()  # their ids
+        self.released: OrderedDict[str, float] = OrderedDict()  # tombstones: id -> when
+        self.to_release: queue.SimpleQueue[str] = queue.SimpleQueue()  # from the control thread
+        # What the main loop computes now (read by the control thread): None or
+        # {"what", "requests", "offsets", "tokens", "since"}.
+        self.doing: dict | None = None
+
+        self.state = "idle"  # idle | loading | ready | error
+        self.error: str | None = None
+        self.spec: LoadSpec | None = None
+        self.stage: Stage | None = None
+        self.progress = {"done_bytes": 0, "total_bytes": 0, "rate_bytes_s": 0.0}
+        self.loader: Generator[dict, None, None] | None = None  # a load in progress, run between messages
+        self.started = time.time()
+        self.ring = TokenRing(cfg.runtime.stream_interval_ms / 1e3, self.counters, self.links.send, self._to_first)
         self.running = True
         self._last_sweep = time.monotonic()
         self.cache_limit = None  # MLX's default
@@ -154,18 +138,14 @@ class Worker:
     # -- lifecycle --------------------------------------------------------------
 
     def close(self) -> None:
-        self.control_stop.set()
-        if self.control_thread is not None:
-            self.control_thread.join()
-        for s in (self.control, self.commands_peer, self.commands, self.data, self.next, self.report, self.loop):
-            if s is not None:
-                s.close(linger=0)
+        self.control_thread.close()
+        self.links.close()
+        self.data.close(linger=0)
         if self.curve is not None:
             self.curve.stop()
         self.ctx.term()
 
     def run(self) -> None:
-        self.control_thread = threading.Thread(target=self._serve_control, name="control", daemon=True)
         self.control_thread.start()
         poller = zmq.Poller()
         poller.register(self.commands, zmq.POLLIN)
@@ -185,13 +165,13 @@ class Worker:
             busy = self.loader is not None or self.pending
             events = dict(poller.poll(0 if busy else self.ring.poll_ms(POLL_MS)))
             if self.commands in events:
-                envelope, frames = _split_envelope(self.commands.recv_multipart())
-                self.commands.send_multipart(envelope + self.handle_command(frames))
+                envelope, frames = split_envelope(self.commands.recv_multipart())
+                self.commands.send_multipart(envelope + self.control_thread.answer(frames))
             self._apply_queued_releases()
             if self.data in events or self.pending or self.deferred:
                 batch, self.pending = self.pending, []
                 if self.data in events:
-                    batch += self._drain(batch)
+                    batch += drain(self.data, self.stage, batch, self.counters)
                 batch, self.deferred = self.deferred + batch, []  # the waiting first, in order
                 self.handle_data(*batch)
             self.ring.flush()
@@ -199,39 +179,6 @@ class Worker:
                 self._load_step()
             self._evict_idle()
         logger.info("worker_stopped")
-
-    # -- the control thread -----------------------------------------------------
-
-    def _serve_control(self) -> None:
-        """Answer ping and health at once; pass every other command to the
-        main loop and its answer back. Owns `control` and `commands_peer`."""
-        poller = zmq.Poller()
-        poller.register(self.control, zmq.POLLIN)
-        poller.register(self.commands_peer, zmq.POLLIN)
-        while True:
-            events = dict(poller.poll(POLL_MS))
-            if self.commands_peer in events:
-                self.control.send_multipart(self.commands_peer.recv_multipart())
-            if self.control in events and (split := _split_envelope(self.control.recv_multipart())):
-                envelope, frames = split
-                reply = self._thread_command(frames)
-                if reply is None:
-                    self.commands_peer.send_multipart(envelope + frames)
-                else:
-                    self.control.send_multipart(envelope + reply)
-            if self.control_stop.is_set() and not events:
-                return
-
-    def _thread_command(self, frames: list) -> list | None:
-        """The reply to a command this thread answers itself, or None: the
-        main loop's (a malformed message is answered here)."""
-        try:
-            msg = wire.decode(frames)
-        except wire.WireError:
-            return self.handle_command(frames)
-        if msg.kind != "command" or msg.header["cmd"] not in THREAD_COMMANDS:
-            return None if msg.kind == "command" else self.handle_command(frames)
-        return self.handle_command(frames)
 
     def _apply_queued_releases(self) -> None:
         """Releases the coordinator's reconciliation asked for (through
@@ -260,65 +207,7 @@ class Worker:
                 logger.warning("request_evicted", idle_s=round(now - state.last_used, 1))
                 log.bind_request(None)
 
-    def _drain(self, have: list) -> list:
-        """What is waiting on the data socket, up to MAX_BATCH messages: decode
-        steps of different requests that arrive together run as one batch.
-
-        While a request here ran its last step in a kept batch whose other
-        requests are not here yet (nor in `have`), this waits for them, up to
-        PARTNER_WAIT_S: a round that caught only some would split the batch
-        (smaller passes, and the kept batched caches merged anew)."""
-        batch = [_decoded(self.data.recv_multipart(copy=False))]
-        deadline = None
-        while len(batch) < MAX_BATCH:
-            try:
-                batch.append(_decoded(self.data.recv_multipart(zmq.NOBLOCK, copy=False)))
-                continue
-            except zmq.Again:
-                pass
-            if not partners_missing(self.stage, [*have, *batch]):
-                break
-            if deadline is None:
-                self.counters["partner_waits"] += 1
-                deadline = time.monotonic() + PARTNER_WAIT_S
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.data.poll(max(1, math.ceil(left * 1e3))):
-                self.counters["partner_waits_expired"] += 1
-                break
-        return batch
-
-    # -- control ------------------------------------------------------------------
-
-    def handle_command(self, frames) -> list:
-        try:
-            msg = wire.decode(frames)
-            if msg.kind != "command":
-                raise wire.WireError(f"control socket takes commands, got {msg.kind}")
-        except wire.WireError as e:
-            self.counters["bad_messages"] += 1
-            logger.warning("bad_command", error=str(e))
-            return _reply({"id": "", "ok": False, "error": f"bad message: {e}"})
-        cmd, cid, args = msg.header["cmd"], msg.header["id"], msg.header.get("args") or {}
-        # A peer of other versions is refused; one that names none only for
-        # `load`, so nothing loads for a coordinator that cannot say.
-        theirs = msg.header.get("versions")
-        if theirs is not None or cmd == "load":
-            problem = versions.mismatch(
-                versions.local_versions(), theirs, me=f"worker {self.me.name}", them="the caller"
-            )
-            if problem is not None:
-                logger.warning("command_refused", cmd=cmd, error=problem)
-                return _reply({"id": cid, "ok": False, "error": problem})
-        handler = getattr(self, f"cmd_{cmd}", None)
-        if handler is None:
-            logger.warning("unknown_command", cmd=cmd)
-            return _reply({"id": cid, "ok": False, "error": f"unknown command {cmd!r}"})
-        try:
-            result = handler(args)
-        except (ValueError, StageError) as e:
-            logger.warning("command_refused", cmd=cmd, error=str(e))
-            return _reply({"id": cid, "ok": False, "error": str(e)})
-        return _reply({"id": cid, "ok": True, "result": result})
+    # -- commands (controlthread.py runs them) ---------------------------------------
 
     def cmd_ping(self, args: dict) -> dict:
         return {"name": self.me.name, "state": self.state, "pid": os.getpid(), "time": time.time()}
@@ -437,98 +326,47 @@ class Worker:
         mx.clear_cache()
 
     def _connect(self, spec: LoadSpec) -> None:
-        # A stage that is also the first feeds itself in process: no loop socket.
-        first = None if spec.first else spec.first_address
-        for attr, address in (("next", spec.next_address), ("report", spec.report_address), ("loop", first)):
-            sock = getattr(self, attr)
-            if sock is not None and self.connected.get(attr) == address:
-                continue
-            if sock is not None:
-                sock.close(linger=0)
-                setattr(self, attr, None)
-                self.connected.pop(attr, None)
-            if address is None:
-                continue
-            sock = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            # Tokens are small, and a coordinator streaming text may lag a little.
-            sock.setsockopt(zmq.SNDHWM, TOKEN_HWM if address == spec.report_address else DATA_HWM)
-            sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
-            keep_alive(sock, heartbeats=self.curve is None)
-            if self.curve is not None:
-                self.curve.client(sock, security.owner_of(self.cfg, address))
-            sock.connect(address)
-            self.connected[attr] = address
-            setattr(self, attr, sock)
-        self.ring.coordinator = self.next  # the last stage's next is the coordinator
+        self.links.connect(spec)
+        self.ring.coordinator = self.links.next  # the last stage's next is the coordinator
 
     def _load_step(self) -> None:
         """Read the next module of a load in progress."""
         try:
-            next(self.loader)
+            self.progress = next(self.loader)
         except StopIteration:
             self.loader = None
 
-    def _load(self, spec: LoadSpec) -> Generator[None, None, None]:
-        """Drive a ShardLoader, a module per loop round, after checking the
-        memory its size needs; then serve the shard as this worker's stage."""
-        model_dir = self.cfg.model_path
+    def _load(self, spec: LoadSpec) -> Generator[dict, None, None]:
+        """Load the shard a module per loop round (loading.py), then serve it
+        as this worker's stage."""
         t0 = time.monotonic()
         try:
-            loader = ShardLoader(model_dir, spec.start, spec.end, dtype=spec.dtype)  # headers only, so far
-            weights = loader.loaded_bytes
-            stage = StageAssignment(self.me.name, spec.start, spec.end, weights, spec.reserve_bytes, memory_bytes=0)
-            check_stage_memory(stage, available_memory_bytes())  # before a byte is read
-            if (wired_limit := wired.apply(self.cfg.runtime.wired_limit_gb)) is not None:
-                logger.info("wired_limit_set", bytes=wired_limit)
-            logger.info("load_started", start=spec.start, end=spec.end, bytes=weights, model=str(model_dir))
-
-            for done, total in loader:
-                rate = done / max(time.monotonic() - t0, 1e-9)
-                self.progress = {"done_bytes": done, "total_bytes": total, "rate_bytes_s": rate}
-                logger.info("load_progress", done_bytes=done, total_bytes=total, rate_mb_s=round(rate / 1e6, 1))
-                yield
-            shard = loader.shard
-            self.stage = Stage(
-                shard,
-                max_requests=spec.max_requests,
-                max_context=spec.max_context,
-                compiled_decode=compiled_decode(self.cfg.runtime.decode),
-                model_dir=model_dir,
-                prefix_cache_bytes=spec.prefix_cache_bytes,
-            )
-            self.state = "ready"
-            log.announce(
-                f"kimi-worker {self.me.name} ready: layers [{spec.start}, {spec.end}), "
-                f"{shard.nbytes / 2**30:.2f} GiB of weights loaded in {time.monotonic() - t0:.1f} s; "
-                f"control {self.me.control_address}, data {self.me.data_address}"
-            )
-            logger.info(
-                "load_finished",
-                seconds=round(time.monotonic() - t0, 3),
-                bytes=shard.nbytes,
-                compiled_decode=self.stage.compiled_decode,
-            )
-        except (ShardError, CheckpointError, ValueError, OSError, RuntimeError) as e:
+            self.stage = yield from load_stage(self.cfg, self.me.name, spec)
+        except LOAD_ERRORS as e:
             self.error = str(e)
             self.state = "error"
             logger.error("load_failed", error=str(e))
+            return
+        self.state = "ready"
+        log.announce(
+            f"kimi-worker {self.me.name} ready: layers [{spec.start}, {spec.end}), "
+            f"{self.stage.shard.nbytes / 2**30:.2f} GiB of weights loaded in {time.monotonic() - t0:.1f} s; "
+            f"control {self.me.control_address}, data {self.me.data_address}"
+        )
+        logger.info(
+            "load_finished",
+            seconds=round(time.monotonic() - t0, 3),
+            bytes=self.stage.shard.nbytes,
+            compiled_decode=self.stage.compiled_decode,
+        )
 
     # -- data -------------------------------------------------------------------
-
-    def _send(self, sock: zmq.Socket | None, frames: list, what: str) -> None:
-        if sock is None:
-            return
-        try:
-            sock.send_multipart(frames, copy=False)
-        except zmq.Again:
-            logger.error("send_timeout", to=what, timeout_ms=SEND_TIMEOUT_MS)
 
     def _report_error(self, req: str, message: str, code: str | None = None) -> None:
         self.counters["stage_errors"] += 1
         logger.warning("stage_error", error=message)
         header = {"req": req, "message": f"{self.me.name}: {message}", **({"code": code} if code else {})}
-        self._send(self.report, wire.encode("error", header), "report")
+        self.links.send(self.links.report, wire.encode("error", header), "report")
 
     def handle_data(self, *batch) -> None:
         """Run data messages in waves: each request's messages in arrival
@@ -592,7 +430,9 @@ class Worker:
         released = self._forget(req, keep)
         logger.info("request_released", had_cache=released, **({"kept_as": keep} if keep else {}))
         if self.stage is not None and not self.stage.last:
-            self._send(self.next, wire.encode("release", {"req": req, **({"keep": keep} if keep else {})}), "next")
+            self.links.send(
+                self.links.next, wire.encode("release", {"req": req, **({"keep": keep} if keep else {})}), "next"
+            )
         log.bind_request(None)
 
     def _drop_prefixes(self, entries: list[str] | None) -> None:
@@ -600,8 +440,8 @@ class Worker:
         dropped = self.stage.prefix.drop(entries) if self.stage else 0
         logger.info("prefix_entries_dropped", entries="all" if entries is None else len(entries), held=dropped)
         if self.stage is not None and not self.stage.last:
-            self._send(
-                self.next, wire.encode("drop", {"all": True} if entries is None else {"entries": entries}), "next"
+            self.links.send(
+                self.links.next, wire.encode("drop", {"all": True} if entries is None else {"entries": entries}), "next"
             )
 
     def _forget(self, req: str, keep: str | None = None) -> bool:
@@ -625,7 +465,7 @@ class Worker:
             report = {"entry": keep, "worker": self.me.name, "length": 0, "bytes": 0, "trimmable": True}
             if kept is not None:
                 report.update(length=kept.length, bytes=kept.nbytes, trimmable=kept.trimmable)
-            self._send(self.report, wire.encode("kept", report), "report")
+            self.links.send(self.links.report, wire.encode("kept", report), "report")
         return held
 
     def _forward(self, msgs: list[wire.Message]) -> None:
@@ -693,7 +533,7 @@ class Worker:
                     k: h[k] for k in ("req", "seq", "offset", "sample", "params", "stop_at", "eos", "prefix") if k in h
                 }
                 tensors = [result.activations, *result.extra]  # + attention-residual blocks (Kimi K3)
-                self._send(self.next, wire.encode("forward", header, tensors), "next")
+                self.links.send(self.links.next, wire.encode("forward", header, tensors), "next")
             elif result.token is not None and not self.ring.deliver(h, m.tensors[0].shape[1], result):
                 self._forget(h["req"])  # the coordinator has stopped taking tokens
 
@@ -702,37 +542,14 @@ class Worker:
         this stage is also the first, else over the loop socket."""
         if self.stage is not None and self.stage.first:
             self.pending.append(step)
-        elif self.loop is not None:
-            self._send(self.loop, wire.encode("forward", step.header, step.tensors), "first stage")
+        elif self.links.loop is not None:
+            self.links.send(self.links.loop, wire.encode("forward", step.header, step.tensors), "first stage")
         else:
             self._report_error(
                 step.header["req"], "cannot continue: the load named no first stage (load argument 'first')"
             )
             return False
         return True
-
-
-def _reply(fields: dict) -> list:
-    return wire.encode("reply", {**fields, "versions": versions.local_versions()})
-
-
-def _split_envelope(frames: list) -> tuple[list, list] | None:
-    """A ROUTER message's routing envelope (up to the empty delimiter) and the
-    message after it; None without a delimiter (not from a REQ socket: dropped,
-    as a REP socket drops it)."""
-    for i, frame in enumerate(frames[1:], 1):
-        if not len(frame):
-            return frames[: i + 1], frames[i + 1 :]
-    return None
-
-
-def _decoded(frames) -> wire.Message | list:
-    """A data message decoded, or its frames as they came if they do not decode
-    (handle_data counts and reports those)."""
-    try:
-        return wire.decode(frames)
-    except wire.WireError:
-        return frames
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -229,10 +229,11 @@ def test_a_checkpoint_the_worker_cannot_load_is_named_at_start(tiny_model, tmp_p
 
 
 def test_a_worker_short_of_memory_refuses_the_load_saying_how_much(tiny_model, tmp_path, monkeypatch):
+    from kimizmq import loading
     from kimizmq import worker as worker_module
 
     cfg = load_config(write_config(tmp_path / "kimi.toml", tiny_model, 1))
-    monkeypatch.setattr(worker_module, "available_memory_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(loading, "available_memory_bytes", lambda: 1 << 20)
     w = worker_module.Worker(cfg, cfg.workers[0])
     try:
         w.cmd_load({"start": 0, "end": 7, "next": cfg.coordinator.result_address})

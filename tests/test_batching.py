@@ -9,6 +9,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
+from kimizmq import batching
 from kimizmq.config import load_config
 from kimizmq.local import LocalCluster, write_config
 from kimizmq.shard import load_shard
@@ -161,7 +162,7 @@ def test_a_stage_waits_for_the_rest_of_a_kept_batch_and_no_longer(tiny_model, tm
         def drain() -> tuple[list, float]:
             assert w.data.poll(5000)
             t0 = time.monotonic()
-            got = w._drain([])
+            got = batching.drain(w.data, w.stage, [], w.counters)
             return got, time.monotonic() - t0
 
         push.send_multipart(step("a"))
@@ -177,12 +178,12 @@ def test_a_stage_waits_for_the_rest_of_a_kept_batch_and_no_longer(tiny_model, tm
         push.send_multipart(wire.encode("command", {"cmd": "ping", "id": "x"}))
         got, took = drain()
         reqs = [m.header.get("req") for m in got]
-        assert reqs == ["a", None] and took >= worker_module.PARTNER_WAIT_S
+        assert reqs == ["a", None] and took >= batching.PARTNER_WAIT_S
         w.handle_data(got[1])  # counted and dropped, as handle_data does with any stray kind
         assert w.counters["bad_messages"] == 1
         assert w.counters["partner_waits"] == 1 and w.counters["partner_waits_expired"] == 1
 
-        monkeypatch.setattr(worker_module, "PARTNER_WAIT_S", 30.0)
+        monkeypatch.setattr(batching, "PARTNER_WAIT_S", 30.0)
         push.send_multipart(step("a"))
         late = threading.Timer(0.05, lambda: push.send_multipart(step("b")))
         late.start()

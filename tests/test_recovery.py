@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from kimizmq.local import LocalCluster, write_config
-from kimizmq.worker import TOKEN_HWM
+from kimizmq.tokenring import TOKEN_HWM
 from tests.support import log_events, open_stream, running_cluster, wait_until, worker_stats
 
 PROMPT = [11, 22, 33, 44, 55, 66, 77, 88, 99, 111, 222, 333]
