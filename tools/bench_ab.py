@@ -88,6 +88,8 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 
 def format_summary(summary: list[dict]) -> str:
+    if not summary:
+        return "no measurements (every row is an error)"
     width = max(len(s["measurement"]) for s in summary)
     lines = [f"{'measurement':<{width}}  {'A median':>10}  {'B median':>10}  {'B/A':>6}"]
     for s in summary:
