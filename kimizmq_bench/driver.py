@@ -37,11 +37,9 @@ def _worker_stats(cfg) -> dict[str, tuple[int, float, float]] | None:
     return out
 
 
-async def stream(session, url: str, body: dict) -> tuple[float, list[float], int]:
-    """POST a streaming completion: (send time, arrival time of each token, completion tokens)."""
-    t0 = time.perf_counter()
-    times: list[float] = []
-    usage = None
+async def sse_chunks(session, url: str, body: dict):
+    """The JSON chunks of a streamed completion, each with the time it arrived;
+    an HTTP error or an error in the stream raises BenchError."""
     async with session.post(url, json=body) as resp:
         if resp.status != 200:
             raise BenchError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
@@ -53,13 +51,22 @@ async def stream(session, url: str, body: dict) -> tuple[float, list[float], int
             obj = json.loads(line[6:])
             if "error" in obj:
                 raise BenchError(f"stream error: {obj['error'].get('message')}")
-            for choice in obj.get("choices") or []:
-                lp = choice.get("logprobs")
-                if lp and lp.get("token_ids") is not None:
-                    times.extend([now] * len(lp["token_ids"]))
-                elif choice.get("text"):
-                    times.append(now)
-            usage = obj.get("usage") or usage
+            yield now, obj
+
+
+async def stream(session, url: str, body: dict) -> tuple[float, list[float], int]:
+    """POST a streaming completion: (send time, arrival time of each token, completion tokens)."""
+    t0 = time.perf_counter()
+    times: list[float] = []
+    usage = None
+    async for now, obj in sse_chunks(session, url, body):
+        for choice in obj.get("choices") or []:
+            lp = choice.get("logprobs")
+            if lp and lp.get("token_ids") is not None:
+                times.extend([now] * len(lp["token_ids"]))
+            elif choice.get("text"):
+                times.append(now)
+        usage = obj.get("usage") or usage
     tokens = usage["completion_tokens"] if usage else len(times)
     return t0, times, tokens
 

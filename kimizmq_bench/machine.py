@@ -14,33 +14,48 @@ from pathlib import Path
 from .rows import BenchError
 
 
-def describe_device() -> tuple[str, bool]:
-    """("NVIDIA H100 80GB HBM3", True) or ("CPU AMD EPYC, 2 cores", False)."""
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                [smi, "--query-gpu=index,name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
-            )
-            gpus = dict(line.split(",", 1) for line in out.stdout.splitlines() if "," in line)
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            if visible is not None:
-                gpus = {i: n for i, n in gpus.items() if i.strip() in visible.split(",")}
-            names = [n.strip() for n in gpus.values()]
-            if out.returncode == 0 and names:
-                return (f"{len(names)} x {names[0]}" if len(names) > 1 else names[0]), True
+def _mlx_on_gpu() -> bool:
+    """Whether MLX computes on a GPU here (CUDA or Metal), asked of a fresh process."""
+    probe = "import mlx.core as mx; print(mx.default_device().type == mx.DeviceType.gpu)"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        probe = "import mlx.core as mx; print(hasattr(mx, 'cuda') and mx.cuda.is_available())"
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-        if out.stdout.strip() == "True":
-            return "NVIDIA GPU (nvidia-smi not found)", True
+        return out.stdout.strip() == "True"
+    return False
+
+
+def _nvidia_names() -> list[str]:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            [smi, "--query-gpu=index,name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
+        gpus = dict(line.split(",", 1) for line in out.stdout.splitlines() if "," in line)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            gpus = {i: n for i, n in gpus.items() if i.strip() in visible.split(",")}
+        if out.returncode == 0:
+            return [n.strip() for n in gpus.values()]
+    return []
+
+
+def describe_device() -> tuple[str, bool]:
+    """("NVIDIA H100 80GB HBM3", True) or ("CPU AMD EPYC, 2 cores", False): the
+    device MLX computes on, not merely one the machine has."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return f"CPU {cpu}, {os.cpu_count()} cores", False
+    if not _mlx_on_gpu():
+        return f"CPU {cpu}, {os.cpu_count()} cores", False
+    if names := _nvidia_names():
+        return (f"{len(names)} x {names[0]}" if len(names) > 1 else names[0]), True
+    if sys.platform == "darwin":
+        return f"Apple GPU ({cpu})", True
+    return "GPU", True
 
 
 def pin(pid: int, core: int) -> None:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .driver import Cluster
+from .driver import Cluster, sse_chunks
 from .rows import BenchConfig, BenchError, Row, prompt_ids
 
 TURNS = 8
@@ -67,22 +67,13 @@ async def _turn(session, url: str, prompt: list[int]) -> tuple[float, list[int],
     }
     t0 = time.perf_counter()
     ttft, reply, usage = None, [], {}
-    async with session.post(url, json=body) as resp:
-        if resp.status != 200:
-            raise BenchError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data: {"):
-                continue
-            obj = json.loads(line[6:])
-            if "error" in obj:
-                raise BenchError(f"stream error: {obj['error'].get('message')}")
-            for choice in obj.get("choices") or []:
-                ids = (choice.get("logprobs") or {}).get("token_ids") or []
-                if ids and ttft is None:
-                    ttft = time.perf_counter() - t0
-                reply += ids
-            usage = obj.get("usage") or usage
+    async for now, obj in sse_chunks(session, url, body):
+        for choice in obj.get("choices") or []:
+            ids = (choice.get("logprobs") or {}).get("token_ids") or []
+            if ids and ttft is None:
+                ttft = now - t0
+            reply += ids
+        usage = obj.get("usage") or usage
     if ttft is None or len(reply) != REPLY_TOKENS:
         raise BenchError(f"a turn streamed {len(reply)} tokens, expected {REPLY_TOKENS}")
     return ttft, reply, (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
