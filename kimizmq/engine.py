@@ -21,6 +21,7 @@ import itertools
 import os
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import mlx.core as mx
@@ -39,6 +40,7 @@ from .tokenizer import Tokenizer
 
 HEALTH_POLL_S = 0.2
 PUSH_HWM = 256
+RELEASE_GRACE_S = 30.0  # a stage that holds a request this long after its release was sent missed it
 # sampling parameters whose processors on the last stage depend on the tokens sampled so far
 PROCESSOR_PARAMS = frozenset({"grammar", "presence_penalty", "frequency_penalty", "repetition_penalty"})
 
@@ -74,6 +76,7 @@ class Engine:
         self.latency = {"ttft_s": Histogram(TTFT_BUCKETS_S), "itl_s": Histogram(ITL_BUCKETS_S)}
         self.prefix = PrefixIndex({s.worker: s.prefix_cache_bytes for s in plan.stages})
         self.replays: set[asyncio.Task] = set()  # replays the receive loop started
+        self.releasing: OrderedDict[str, float] = OrderedDict()  # wire id -> when its release was sent
         self.liveness = Liveness(self)
 
     # -- start and stop -------------------------------------------------------------
@@ -338,6 +341,7 @@ class Engine:
         """Free the request on every stage; unless it failed, each stage keeps
         its state in the prefix cache for a later request with the same start."""
         header = {"req": req.wire_id}
+        keep = None
         if req.finish_reason != "error" and req.tokens:
             # Every stage has run each token but the last: the ring fed them all
             # on, and a later one came back. What a cancelled prefill ran is not kept.
@@ -347,6 +351,17 @@ class Engine:
             if keep is not None:
                 header["keep"] = keep
         await self.push.send_multipart(wire.encode("release", header))
+        self.releasing[req.wire_id] = time.monotonic()
+        if keep is not None:
+            self.prefix.announce(keep)  # on the wire: a later chunk naming it reaches each stage behind it
+
+    def release_on_its_way(self, wire_id: str) -> bool:
+        """Whether this coordinator released `wire_id` less than RELEASE_GRACE_S
+        ago: a stage still holding it has the release queued (behind long steps)."""
+        now = time.monotonic()
+        while self.releasing and now - next(iter(self.releasing.values())) > RELEASE_GRACE_S:
+            self.releasing.popitem(last=False)
+        return wire_id in self.releasing
 
     async def drop_prefixes(self, entries: list[str] | None) -> None:
         """Every stage forgets these prefix cache entries (None: all it holds),

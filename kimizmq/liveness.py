@@ -119,9 +119,11 @@ class Liveness:
         async def one(name: str) -> None:
             args = {}
             if reconcile:
-                # Unowned at two heartbeats in a row: not just a release still on its way.
-                requests = self.engine.requests
-                unowned = {r for r, _ in worker_state.get(name, {}).get("active") or [] if r not in requests}
+                # Unowned at two heartbeats in a row, and not released lately: not
+                # a release still on its way (a stage may be busy for seconds).
+                engine = self.engine
+                held = worker_state.get(name, {}).get("active") or []
+                unowned = {r for r, _ in held if r not in engine.requests and not engine.release_on_its_way(r)}
                 stale = sorted(unowned & self.unowned.get(name, set()))
                 self.unowned[name] = unowned - set(stale)
                 if stale:

@@ -143,6 +143,7 @@ class Entry:
     tokens: list[int]  # the prefix every stage holds (at least)
     trimmable: bool = True
     estimate: dict[str, int] = field(default_factory=dict)  # worker -> bytes expected, until it reports
+    announced: bool = False  # its release is on the wire: a request may name it
     acks: dict[str, tuple[int, int]] = field(default_factory=dict)  # worker -> (length, bytes) it kept
 
     @property
@@ -162,9 +163,9 @@ class Hit:
 class PrefixIndex:
     """Which token prefixes the stages hold, LRU within each stage's byte
     budget. `finish` names a finished request's state for the stages to keep;
-    it is usable at once, as every stage receives the release that keeps it
-    before the chunk of a later request that names it (one PUSH/PULL path, in
-    order); a stage that could not keep it answers that chunk with an error
+    it is usable once `announce`d (its release sent), as every stage receives
+    the release that keeps it before the chunk of a later request that names
+    it (one PUSH/PULL path, in order); a stage that could not keep it answers that chunk with an error
     and the request runs from 0 on every stage. `lookup` finds the longest
     usable prefix (mlx-lm's PromptTrie); `ack` takes each stage's report."""
 
@@ -204,7 +205,7 @@ class PrefixIndex:
                 continue
             entry = self.entries[self.trie.get(_TRIE_MODEL, path)]
             use = min(shared, limit, entry.length)
-            if use <= 0 or (use < entry.length and not entry.trimmable):
+            if not entry.announced or use <= 0 or (use < entry.length and not entry.trimmable):
                 continue
             if best is None or use > best.length:
                 best = Hit(entry.id, use)
@@ -259,6 +260,12 @@ class PrefixIndex:
             return None, drop
         self.counters["entries_kept"] += 1
         return entry.id, drop
+
+    def announce(self, entry_id: str) -> None:
+        """The release that keeps the entry has been sent: from now on a
+        request may name it (its chunk reaches every stage behind the release)."""
+        if entry_id in self.entries:
+            self.entries[entry_id].announced = True
 
     def forget(self, entry_id: str) -> list[str]:
         """A stage lacks the entry (a chunk naming it failed there): nobody may use it."""

@@ -20,6 +20,7 @@ def kept(index: PrefixIndex, tokens: list[int], *, lengths=None, nbytes=MB, trim
     the entry id and what the index asked to drop."""
     entry, drop = index.finish(tokens)
     assert entry is not None
+    index.announce(entry)
     for w in index.budgets:
         length = (lengths or {}).get(w, len(tokens))
         drop += index.ack(entry, w, length, nbytes, trim)
@@ -51,12 +52,15 @@ def test_an_entry_is_usable_at_once_and_gone_when_a_stage_did_not_keep_it():
     index = PrefixIndex({"a": 100 * MB, "b": 100 * MB})
     tokens = list(range(40))
     entry, _ = index.finish(tokens)
+    assert index.lookup([*tokens, 1]) is None  # its release is not on the wire yet
+    index.announce(entry)
     assert index.lookup([*tokens, 1]).length == 40  # no report yet
     assert index.ack(entry, "a", 41, MB, True) == []  # a stage may hold more than the entry names
     assert index.ack(entry, "b", 0, 0, True) == [entry]
     assert index.lookup([*tokens, 1]) is None
     assert index.bytes_by_worker() == {"a": 0, "b": 0}
     again, _ = index.finish(tokens)
+    index.announce(again)
     assert index.forget(again) == [again] and index.lookup([*tokens, 1]) is None
 
 

@@ -103,6 +103,8 @@ def soak(minutes: float, clients: int, budget_mib: float) -> dict:
         for t in threads:
             t.join(300)
         samples.append(sample(cluster, time.monotonic() - t0))
+        lines = (cluster.log_dir / "coordinator.jsonl").read_text().splitlines()
+        missing = sum(json.loads(line)["event"] == "prefix_missing" for line in lines)
     workers = {}
     for name in samples[-1]["workers"]:
         rows = [s["workers"][name] for s in samples if name in s["workers"]]
@@ -120,6 +122,7 @@ def soak(minutes: float, clients: int, budget_mib: float) -> dict:
         "minutes": minutes,
         "clients": clients,
         **tally,
+        "prefix_missing": missing,  # requests whose entry a stage lacked: run again from 0
         "cache": samples[-1]["coordinator"],
         "workers": workers,
         "samples": samples,
@@ -139,7 +142,8 @@ def main() -> None:
     print(
         f"{report['turns']} turns ({report['errors']} errors) by {report['clients']} clients in {report['minutes']:g} min; "
         f"{report['cached_tokens']} of {report['prompt_tokens']} prompt tokens from the cache; "
-        f"{c['hits']} hits, {c['misses']} misses, {c['evictions']} evictions"
+        f"{c['hits']} hits, {c['misses']} misses, {c['evictions']} evictions, "
+        f"{report['prefix_missing']} entries missing on a stage"
     )
     print("worker  budget MiB  most held MiB  samples over budget  refused  RSS MiB after warm-up / max / end")
     for name, w in report["workers"].items():
