@@ -239,8 +239,9 @@ def write_state(cfg: Config, started: list[tuple[Daemon, int]]) -> None:
 def _plan_needs(cfg: Config) -> dict[str, int]:
     """Bytes each worker's shard needs (weights + reserve), when the model is
     readable here; empty when not (the wired-memory check is then skipped)."""
-    from .checkpoint import CheckpointError, layer_sizes, read_config
+    from .checkpoint import CheckpointError, read_config
     from .plan import PlanError, make_plan
+    from .sizes import layer_sizes
 
     try:
         plan = make_plan(cfg, layer_sizes(cfg.model_path), model_config=read_config(cfg.model_path))

@@ -34,20 +34,17 @@ from pathlib import Path
 import click
 
 from . import wired
-from .checkpoint import (
-    CheckpointError,
+from .checkpoint import CheckpointError, is_fp8, read_config, text_config
+from .config import Config, ConfigError, WorkerConfig, load_config
+from .sizes import (
     LayerSizes,
     cache_bytes_per_layer,
     config_dtype_bytes,
-    is_fp8,
     is_linear_layer,
     kv_bytes_per_token_per_layer,
     layer_sizes,
-    read_config,
     recurrent_state_bytes,
-    text_config,
 )
-from .config import Config, ConfigError, WorkerConfig, load_config
 
 GIB = 1 << 30
 AUTO_PREFIX_FRACTION = 0.5  # of a stage's free memory the prefix cache takes unless runtime.prefix_cache_gb says

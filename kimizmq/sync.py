@@ -34,12 +34,9 @@ from .checkpoint import (
     DTYPE_BYTES,
     HEADERS_FILE,
     CheckpointError,
-    LayerSizes,
     TensorInfo,
     headers_json,
-    layer_sizes,
     read_config,
-    sizes_from_tensors,
     stage_tensor_names,
     tensor_index,
     text_config,
@@ -48,6 +45,7 @@ from .cluster import Daemon
 from .config import Config
 from .plan import Plan, make_plan
 from .remote import Machine, RemoteError, sh_path
+from .sizes import LayerSizes, layer_sizes, sizes_from_tensors
 
 CHUNK_BYTES = 4 << 20
 PARTIAL = ".partial"

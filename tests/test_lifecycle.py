@@ -20,9 +20,10 @@ import pytest
 import zmq
 
 from kimizmq import wire
-from kimizmq.checkpoint import CheckpointError, layer_sizes
+from kimizmq.checkpoint import CheckpointError
 from kimizmq.config import load_config
 from kimizmq.local import LocalCluster, write_config
+from kimizmq.sizes import layer_sizes
 from kimizmq.worker import Worker
 from tests.support import complete_ids, log_events, open_stream, post_json, wait_until, worker_stats
 

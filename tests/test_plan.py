@@ -9,20 +9,12 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
-from kimizmq.checkpoint import (
-    CheckpointError,
-    LayerSizes,
-    estimate_layer_sizes,
-    kv_bytes_per_token_per_layer,
-    layer_of,
-    layer_sizes,
-    stage_tensor_names,
-    tensor_index,
-)
+from kimizmq.checkpoint import CheckpointError, layer_of, stage_tensor_names, tensor_index
 from kimizmq.cli import main
 from kimizmq.config import load_config
 from kimizmq.memory import available_memory_bytes, check_stage_memory, vm_stat_available_bytes
 from kimizmq.plan import GIB, PlanError, make_plan
+from kimizmq.sizes import LayerSizes, estimate_layer_sizes, kv_bytes_per_token_per_layer, layer_sizes
 
 REFERENCE = Path(__file__).resolve().parents[1] / "etc" / "reference"  # a copy of ../shared/reference
 KIMI_CONFIG = REFERENCE / "kimi-k2-instruct.config.json"

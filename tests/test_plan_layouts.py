@@ -13,17 +13,12 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 
-from kimizmq.checkpoint import (
-    cache_bytes_per_layer,
-    estimate_layer_sizes,
-    layer_sizes,
-    read_config,
-    recurrent_state_bytes,
-)
+from kimizmq.checkpoint import read_config
 from kimizmq.cli import main
 from kimizmq.config import load_config
 from kimizmq.plan import GIB, PlanError, make_plan
 from kimizmq.shard import load_shard
+from kimizmq.sizes import cache_bytes_per_layer, estimate_layer_sizes, layer_sizes, recurrent_state_bytes
 from kimizmq.stage import Stage, Step
 from tests.test_checkpoints import fp8_model, int4_model, k3_model, k25_model  # noqa: F401 - fixtures
 from tests.test_plan import assert_shortfall, write_toml
