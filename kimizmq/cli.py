@@ -16,7 +16,7 @@ from .cluster_cli import down_command, init_command, service_group, sync_command
 from .config import Config, ConfigError, load_config
 from .discovery import config_option, find_config
 from .log import LEVELS
-from .plan import plan_command
+from .plan_cli import plan_command
 from .versions import version_option
 
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
