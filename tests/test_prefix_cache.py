@@ -127,6 +127,8 @@ def test_a_stage_that_lost_an_entry_makes_the_request_run_without_it(cluster, ti
     peer's drop): the next hit fails there, is run again from the start on
     every stage, and still gives mlx-lm's output."""
     second = FIRST + turn(cluster.api, FIRST)[0] + USER
+    # the turn's release (which keeps its entry) has reached w1 before the peer's drop does
+    wait_until(lambda: worker_stats(cluster.cfg)["w1"]["active_requests"] == [], "w1 to release the turn")
     ctx = zmq.Context()
     try:
         push = ctx.socket(zmq.PUSH)
