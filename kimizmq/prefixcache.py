@@ -142,16 +142,13 @@ class Entry:
     id: str
     tokens: list[int]  # the prefix every stage holds (at least)
     trimmable: bool = True
-    estimate: dict[str, int] = field(default_factory=dict)  # worker -> bytes expected, until it reports
+    # worker -> bytes: expected when the entry is made, what the stage kept once it reports
+    nbytes: dict[str, int] = field(default_factory=dict)
     announced: bool = False  # its release is on the wire: a request may name it
-    acks: dict[str, tuple[int, int]] = field(default_factory=dict)  # worker -> (length, bytes) it kept
 
     @property
     def length(self) -> int:
         return len(self.tokens)
-
-    def bytes_on(self, worker: str) -> int:
-        return self.acks[worker][1] if worker in self.acks else self.estimate.get(worker, 0)
 
 
 @dataclass
@@ -165,9 +162,10 @@ class PrefixIndex:
     budget. `finish` names a finished request's state for the stages to keep;
     it is usable once `announce`d (its release sent), as every stage receives
     the release that keeps it before the chunk of a later request that names
-    it (one PUSH/PULL path, in order); a stage that could not keep it answers that chunk with an error
-    and the request runs from 0 on every stage. `lookup` finds the longest
-    usable prefix (mlx-lm's PromptTrie); `ack` takes each stage's report."""
+    it (one PUSH/PULL path, in order); a stage that could not keep it answers
+    that chunk with an error and the request runs from 0 on every stage.
+    `lookup` finds the longest usable prefix (mlx-lm's PromptTrie); `ack`
+    takes each stage's report."""
 
     def __init__(self, budgets: dict[str, int]):
         self.budgets = budgets  # worker -> bytes; every worker is a stage
@@ -244,7 +242,7 @@ class PrefixIndex:
             if older in self.pinned:
                 return None, []
             drop.append(self._remove(older))
-        entry = Entry(next(self._ids), list(tokens), trimmable=self.can_trim, estimate=estimate)
+        entry = Entry(next(self._ids), list(tokens), trimmable=self.can_trim, nbytes=estimate)
         self.trie.add(_TRIE_MODEL, entry.tokens, entry.id)
         self.entries[entry.id] = entry
         if entry.trimmable:  # entries that are prefixes of this one only take room
@@ -284,7 +282,7 @@ class PrefixIndex:
             entry.trimmable &= can_trim
         if length < entry.length or (not can_trim and length != entry.length):
             return [self._remove(entry_id)]  # it could not keep what the others will use
-        entry.acks[worker] = (length, nbytes)
+        entry.nbytes[worker] = nbytes
         return self._evict()
 
     def clear(self) -> list[str]:
@@ -298,7 +296,7 @@ class PrefixIndex:
     # -- budget -----------------------------------------------------------------
 
     def bytes_by_worker(self) -> dict[str, int]:
-        return {w: sum(e.bytes_on(w) for e in self.entries.values()) for w in self.budgets}
+        return {w: sum(e.nbytes.get(w, 0) for e in self.entries.values()) for w in self.budgets}
 
     def _evict(self, keep: str | None = None) -> list[str]:
         """Least recently used entries (not `keep`, not pinned) until every
@@ -312,7 +310,7 @@ class PrefixIndex:
                 continue
             entry = self.entries[entry_id]
             for w in held:
-                held[w] -= entry.bytes_on(w)
+                held[w] -= entry.nbytes.get(w, 0)
             drop.append(self._remove(entry_id))
             self.counters["evictions"] += 1
         return drop

@@ -369,11 +369,8 @@ class Worker:
         self.links.send(self.links.report, wire.encode("error", header), "report")
 
     def handle_data(self, *batch) -> None:
-        """Run data messages in waves: each request's messages in arrival
-        order, the first of every request together, then the second, ... The
-        forwards of a wave go to the stage together, so the first prompt chunks
-        of prompts that arrived together are one batched pass, as are decode
-        steps of requests in flight together."""
+        """Decode and check the data messages, then run them as rounds: a drop
+        ends one, so it applies exactly where it arrived."""
         segment: list[wire.Message] = []
         for frames in batch:
             try:
@@ -389,7 +386,7 @@ class Worker:
                     entries = wire.check_drop(msg.header)
                     self._run_round(segment)
                     segment = []
-                    self._drop_prefixes(entries)
+                    self._drop_prefixes(entries, msg.header)
                     continue
                 if msg.kind not in ("forward", "release"):
                     raise wire.WireError(f"unexpected kind {msg.kind} on the data socket")
@@ -406,6 +403,11 @@ class Worker:
         self._run_round(segment)
 
     def _run_round(self, msgs: list[wire.Message]) -> None:
+        """Run data messages in waves: each request's messages in arrival
+        order, the first of every request together, then the second, ... The
+        forwards of a wave go to the stage together, so the first prompt chunks
+        of prompts that arrived together are one batched pass, as are decode
+        steps of requests in flight together."""
         queues: dict[str, list[wire.Message]] = {}
         for msg in msgs:
             queues.setdefault(msg.header["req"], []).append(msg)
@@ -435,14 +437,13 @@ class Worker:
             )
         log.bind_request(None)
 
-    def _drop_prefixes(self, entries: list[str] | None) -> None:
-        """The coordinator evicted these prefix cache entries (None: all): every stage forgets them."""
+    def _drop_prefixes(self, entries: list[str] | None, header: dict) -> None:
+        """The coordinator evicted these prefix cache entries (None: all):
+        every stage forgets them; this one passes the `drop` (`header`) on."""
         dropped = self.stage.prefix.drop(entries) if self.stage else 0
         logger.info("prefix_entries_dropped", entries="all" if entries is None else len(entries), held=dropped)
         if self.stage is not None and not self.stage.last:
-            self.links.send(
-                self.links.next, wire.encode("drop", {"all": True} if entries is None else {"entries": entries}), "next"
-            )
+            self.links.send(self.links.next, wire.encode("drop", header), "next")
 
     def _forget(self, req: str, keep: str | None = None) -> bool:
         """Free a request's cache and tombstone the id: its steps still on the

@@ -20,13 +20,13 @@ def fill_pipeline_hops(rows: list[Row]) -> None:
             r.hop_us = max(0.0, (r.step_ms - ref.step_ms) * 1e3 / PIPELINE_HOPS)
 
 
-def _chunk(r: Row) -> str:
+def chunk_label(r: Row) -> str:
     if r.prefill_chunk is None:
         return "-"
     return "whole" if r.metric == "ttft" and r.prefill_chunk >= r.prompt_tokens else str(r.prefill_chunk)
 
 
-def _label(r: Row) -> str:
+def system_label(r: Row) -> str:
     name = f"{r.system}-{r.stages}" if r.system == "kimizmq" else r.system
     return f"{name}/{r.gpus}gpu" if r.gpus > 1 else name
 
@@ -46,7 +46,7 @@ def format_table(rows: list[Row]) -> str:
                 str(r.stages),
                 str(r.concurrency),
                 str(r.prompt_tokens),
-                _chunk(r),
+                chunk_label(r),
                 _num(r.decode_tps, ".1f"),
                 _num(r.aggregate_tps, ".1f"),
                 _num(r.ttft_s, ".3f"),
@@ -176,20 +176,23 @@ def plot(rows: list[Row], path: Path) -> bool:
     except ImportError:
         return False
     ok = [r for r in rows if r.metric != "error"]
-    labels = list(dict.fromkeys(_label(r) for r in ok))
+    labels = list(dict.fromkeys(system_label(r) for r in ok))
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
-    dec = [(lbl, next((r.decode_tps for r in ok if _label(r) == lbl and r.metric == "decode"), None)) for lbl in labels]
+    dec = [
+        (lbl, next((r.decode_tps for r in ok if system_label(r) == lbl and r.metric == "decode"), None))
+        for lbl in labels
+    ]
     dec = [(lbl, v) for lbl, v in dec if v]
     ax[0][0].bar([d[0] for d in dec], [d[1] for d in dec], color="tab:blue")
     ax[0][0].set_title("decode tokens/s, one request")
     for lbl in labels:
-        pts = sorted((r.concurrency, r.aggregate_tps) for r in ok if _label(r) == lbl and r.metric == "aggregate")
+        pts = sorted((r.concurrency, r.aggregate_tps) for r in ok if system_label(r) == lbl and r.metric == "aggregate")
         if pts:
             ax[0][1].plot(*zip(*pts), marker="o", label=lbl)
         pts = sorted(
             (r.prompt_tokens, r.ttft_s)
             for r in ok
-            if _label(r) == lbl and r.metric == "ttft" and (r.prefill_chunk or 0) < NO_CHUNK
+            if system_label(r) == lbl and r.metric == "ttft" and (r.prefill_chunk or 0) < NO_CHUNK
         )
         if pts:
             ax[1][0].plot(*zip(*pts), marker="o", label=lbl)
@@ -204,7 +207,7 @@ def plot(rows: list[Row], path: Path) -> bool:
     ax[1][0].set_xscale("log", base=2)
     ax[1][0].set_yscale("log")
     ax[1][0].legend(fontsize=8)
-    hops = [(_label(r), r.hop_us) for r in ok if r.metric == "decode" and r.hop_us is not None]
+    hops = [(system_label(r), r.hop_us) for r in ok if r.metric == "decode" and r.hop_us is not None]
     ax[1][1].bar([h[0] for h in hops], [h[1] for h in hops], color="tab:orange")
     ax[1][1].set_title("per-hop overhead of a decode step (us)")
     first = ok[0] if ok else None

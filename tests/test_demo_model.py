@@ -281,11 +281,14 @@ def test_agent_loop_with_the_anthropic_sdk_on_the_models_own_tool_use(cluster, s
         for t in AGENT_TOOLS
     ]
     kw = dict(model=DEMO_MODEL_NAME, max_tokens=60, messages=TIME_QUESTION, tools=tools, extra_body={"temperature": 0})
-    if streamed:
-        with claude.messages.stream(**kw) as s:
-            first = s.get_final_message()
-    else:
-        first = claude.messages.create(**kw)
+
+    def ask() -> anthropic.types.Message:
+        if streamed:
+            with claude.messages.stream(**kw) as s:
+                return s.get_final_message()
+        return claude.messages.create(**kw)
+
+    first = ask()
     assert first.stop_reason == "tool_use" and [b.type for b in first.content] == ["tool_use"]
     (use,) = first.content
     assert use.name == "get_time" and set(use.input) == {"city"}
@@ -298,11 +301,7 @@ def test_agent_loop_with_the_anthropic_sdk_on_the_models_own_tool_use(cluster, s
             "content": [{"type": "tool_result", "tool_use_id": use.id, "content": time_result(json.dumps(use.input))}],
         },
     ]
-    if streamed:
-        with claude.messages.stream(**kw) as s:
-            answer = s.get_final_message()
-    else:
-        answer = claude.messages.create(**kw)
+    answer = ask()
     assert answer.stop_reason == "end_turn" and [b.type for b in answer.content] == ["text"]
     check_answer_text(answer.content[0].text)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 HEAD = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(HEAD))
 
-from kimizmq_bench.report import _chunk, _label  # noqa: E402
+from kimizmq_bench.report import chunk_label, system_label  # noqa: E402
 from kimizmq_bench.rows import Row  # noqa: E402
 
 FIELDS = ("decode_tps", "aggregate_tps", "ttft_s", "step_ms")  # tok/s: higher is better; s, ms: lower
@@ -66,7 +66,7 @@ def measurements(rows: list[Row]) -> dict[str, float]:
             continue
         for f in FIELDS:
             if (v := getattr(r, f)) is not None:
-                out[f"{_label(r)} {r.metric} c{r.concurrency} p{r.prompt_tokens} chunk {_chunk(r)} {f}"] = v
+                out[f"{system_label(r)} {r.metric} c{r.concurrency} p{r.prompt_tokens} chunk {chunk_label(r)} {f}"] = v
     return out
 
 
