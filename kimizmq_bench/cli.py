@@ -130,6 +130,9 @@ def bench_command(
     time to first token, per-hop overhead. Prints a table, writes JSON and a PNG."""
     if replot:
         rows = [Row.from_dict(r) for r in json.loads(Path(replot).read_text())]
+        if any(r.metric == "turn_ttft" for r in rows):  # a --multi-turn run
+            click.echo(format_turns(rows))
+            return
         fill_pipeline_hops(rows)
         report(rows, Path(replot), draw=not no_plot)
         return
